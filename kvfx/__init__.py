@@ -1,0 +1,1 @@
+"""kvfx: a torch.compile backend that gives any Hugging Face model a compressed KV cache."""

@@ -1,0 +1,92 @@
+"""The ``kvfx`` torch.compile backend.
+
+Found by torch through the ``torch_dynamo_backends`` entry point (pyproject.toml), so users need no ``import kvfx``.
+kvfx never registers the name itself at import time: torch registers the entry point on first lookup, and a second
+registration would trip the registry's duplicate-name assertion.
+
+    model.forward = torch.compile(model.forward, backend="kvfx", options={"spec": "examples/specs/full.yaml"})
+
+Options: ``spec`` (a path to YAML/JSON, a dict, or a :class:`kvfx.spec.Spec`; default: the identity policy),
+``compiler`` ("inductor" (default), "aot_eager" or "eager": what runs the rewritten graph), ``verbose`` (default
+True: print one summary line per compiled graph).
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+from torch._dynamo.utils import counters
+from torch.fx import GraphModule
+
+import kvfx.ops  # noqa: F401  (registers the kvfx custom ops the rewritten graphs call)
+from kvfx.passes.rewrite import RewriteReport, find_attention_sites, kv_heads, rewrite_attention
+from kvfx.plans import check_implemented, register_plan
+from kvfx.spec import Spec
+
+COMPILERS = ("inductor", "aot_eager", "eager")
+REPORTS: list[RewriteReport] = []  # one per compiled graph, newest last (for tests and tools)
+
+
+@dataclass(frozen=True)
+class BackendOptions:
+    spec: Spec
+    compiler: str = "inductor"
+    verbose: bool = True
+
+    @classmethod
+    def parse(cls, options: dict[str, Any] | None) -> BackendOptions:
+        options = dict(options or {})
+        unknown = set(options) - {"spec", "compiler", "verbose"}
+        if unknown:
+            raise ValueError(f"kvfx: unknown backend option(s) {sorted(unknown)} (allowed: spec, compiler, verbose)")
+        compiler = options.get("compiler", "inductor")
+        if compiler not in COMPILERS:
+            raise ValueError(f"kvfx: options['compiler'] is {compiler!r}, not one of {', '.join(COMPILERS)}")
+        return cls(Spec.coerce(options.get("spec")), compiler, bool(options.get("verbose", True)))
+
+
+def kvfx_backend(gm: GraphModule, example_inputs, options: dict[str, Any] | None = None, mode: str | None = None):
+    """Rewrite every attention of ``gm`` into kvfx ops, then compile the graph with the chosen compiler."""
+    if mode not in (None, "default"):
+        raise ValueError(f"kvfx: mode={mode!r} is not supported yet (kvfx's cache state is not CUDA-graph safe)")
+    opts = BackendOptions.parse(options)
+    report = rewrite_graph(gm, opts.spec)
+    if opts.verbose and report.sites:
+        print(report.summary(opts.spec.summary()), file=sys.stderr)
+    return _compile(gm, example_inputs, opts.compiler)
+
+
+def rewrite_graph(gm: GraphModule, spec: Spec) -> RewriteReport:
+    """The graph pass alone: resolve the spec for this graph's attention layers and rewrite them."""
+    check_implemented(spec)
+    sites = find_attention_sites(gm.graph)
+    plan_id = register_plan(spec, len(sites), kv_heads(sites)) if sites else -1
+    report = rewrite_attention(gm, sites, plan_id)
+    counters["kvfx"]["attention_rewritten"] += len(report.rewritten)
+    counters["kvfx"]["attention_unsupported"] += len(report.unsupported)
+    for site in report.unsupported:
+        warnings.warn(f"kvfx: attention layer {site.layer} ({site.kind}) left unchanged: {site.reason}", stacklevel=2)
+    for site, name in report.leftovers:
+        warnings.warn(f"kvfx: layer {site.layer}: the cache update {name} is still computed after the rewrite")
+    for name in report.unrecognised:
+        warnings.warn(f"kvfx: the KV-cache update {name} feeds an attention kvfx does not recognise; left unchanged")
+    REPORTS.append(report)
+    return report
+
+
+def _compile(gm: GraphModule, example_inputs, compiler: str):
+    if compiler == "eager":
+        return gm.forward
+    if compiler == "aot_eager":
+        from torch._dynamo.backends.debugging import aot_eager
+
+        return aot_eager(gm, example_inputs)
+    from torch._inductor.compile_fx import compile_fx
+
+    return compile_fx(gm, example_inputs)
+
+
+__all__ = ["kvfx_backend", "rewrite_graph", "BackendOptions", "REPORTS"]

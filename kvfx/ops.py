@@ -1,0 +1,107 @@
+"""kvfx custom ops: what the rewritten graphs call in place of each attention and its cache update.
+
+Ops are ``torch.library.custom_op`` with fake implementations, so dynamo, AOT autograd and inductor can trace them
+on any device. Their CPU path is the torch reference; on CUDA the decode step runs the Triton kernel.
+
+- ``kvfx::begin_sequence(like, plan_id)``: starts a sequence batch (prefill from an empty cache) and returns its
+  handle, whose zero-storage views stand in for the cache tensors transformers keeps.
+- ``kvfx::attention(q, k_new, v_new, handle, mask, ...)``: appends the new keys and values to kvfx's storage for
+  that layer and attends over it, exactly like the ``cat`` + attention it replaces.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from kvfx.kernels.decode_attention import decode_attention, decode_attention_reference, supports
+from kvfx.kernels.prefill_attention import attention_math, prefill_attention
+from kvfx.state import REGISTRY, KvfxCacheError
+
+
+@torch.library.custom_op("kvfx::begin_sequence", mutates_args=())
+def begin_sequence(like: Tensor, plan_id: int) -> Tensor:
+    return REGISTRY.begin(like, plan_id)
+
+
+@begin_sequence.register_fake
+def _begin_sequence_fake(like: Tensor, plan_id: int) -> Tensor:
+    return like.new_empty(1, 1, 1, 1)
+
+
+@torch.library.custom_op("kvfx::attention", mutates_args=())
+def attention(
+    q: Tensor,  # [B, Hq, Tq, D]
+    k_new: Tensor,  # [B, Hkv, Tn, D]
+    v_new: Tensor,  # [B, Hkv, Tn, Dv]
+    handle: Tensor,  # the sequence handle (prefill) or the past-key tensor transformers passed back (decode)
+    mask: Optional[Tensor],  # [B|1, 1|Hq, Tq, Tk], bool (True = attend) or additive float, or None
+    layer: int,
+    scale: float,
+    softcap: float,
+    is_causal: bool,
+    keep_last: int,  # > 0: a sliding-window layer that keeps only its last keep_last tokens
+    continuing: bool,  # the graph received a past cache (decode), rather than starting from an empty one
+    eager_math: bool,  # the model used eager attention: reproduce its arithmetic on the reference path
+) -> Tensor:  # [B, Hq, Tq, Dv]
+    cache = REGISTRY.lookup(handle).layer(layer, keep_last)
+    past = handle.shape[-2] if continuing else 0
+    if past != len(cache):
+        raise KvfxCacheError(
+            f"layer {layer}: transformers' cache holds {past} tokens but kvfx holds {len(cache)}: the cache was "
+            "cropped or edited outside kvfx (DynamicCache.crop, assisted or contrastive decoding), "
+            "which kvfx cannot follow"
+        )
+    cache.append(k_new, v_new)
+    keys, values = cache.keys(), cache.values()  # [B, Hkv, T, D] views of kvfx's storage
+    if mask is not None and mask.shape[-1] != keys.shape[-2]:
+        raise KvfxCacheError(
+            f"layer {layer}: the attention mask covers {mask.shape[-1]} keys but the cache holds {keys.shape[-2]}"
+        )
+    out = _attend(q, keys, values, mask, scale, softcap, is_causal, eager_math)
+    cache.trim()
+    return out
+
+
+@attention.register_fake
+def _attention_fake(q, k_new, v_new, handle, mask, layer, scale, softcap, is_causal, keep_last, continuing,
+                    eager_math):
+    return q.new_empty(*q.shape[:-1], v_new.shape[-1])
+
+
+def _attend(q, keys, values, mask, scale, softcap, is_causal, eager_math):
+    decode_mask = _per_row_mask(mask, q)
+    is_decode = q.shape[2] == 1 and not (is_causal and keys.shape[2] > 1) and decode_mask is not False
+    if is_decode and q.is_cuda and q.dtype == keys.dtype:
+        reason = supports(q[:, :, 0], keys)
+        if reason is None:
+            out = decode_attention(q[:, :, 0], keys, values, keys.shape[2], mask=decode_mask, scale=scale,
+                                   softcap=softcap)
+            return out.unsqueeze(2)
+        _warn_once(f"kvfx: decode attention runs the torch reference ({reason})")
+        return decode_attention_reference(q[:, :, 0], keys, values, keys.shape[2], mask=decode_mask, scale=scale,
+                                          softcap=softcap).unsqueeze(2)
+    if eager_math:
+        return attention_math(q, keys, values, mask=mask, scale=scale, softcap=softcap, is_causal=is_causal)
+    return prefill_attention(q, keys, values, mask=mask, scale=scale, softcap=softcap, is_causal=is_causal)
+
+
+def _per_row_mask(mask: Tensor | None, q: Tensor):
+    """A decode mask as the kernel takes it, ``[B, Tk]``; None for no mask; False if it varies by head."""
+    if mask is None:
+        return None
+    if mask.shape[1] != 1:
+        return False
+    return mask[:, 0, -1, :].expand(q.shape[0], mask.shape[-1])
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _WARNED:
+        _WARNED.add(message)
+        warnings.warn(message, stacklevel=3)

@@ -1,0 +1,36 @@
+"""Resolved plans, by id: the rewritten graphs pass an int to the ops, and the ops find the plan here.
+
+Also the list of methods implemented so far: a spec that asks for any other is rejected at compile time, never
+ignored.
+"""
+
+from __future__ import annotations
+
+from kvfx.spec import Plan, Spec, SpecError
+
+IMPLEMENTED = {"evict": {"none"}, "quantize": {"none"}}
+
+_PLANS: list[Plan] = []
+
+
+def check_implemented(spec: Spec) -> None:
+    """Raise a SpecError naming each method in ``spec`` that kvfx does not implement yet."""
+    policies = [("default", spec.default)] + [(f"overrides[{i}]", o) for i, o in enumerate(spec.overrides)]
+    for where, policy in policies:
+        for part in ("evict", "quantize"):
+            rule = getattr(policy, part, None)
+            if rule is not None and rule.method not in IMPLEMENTED[part]:
+                raise SpecError(
+                    f"{spec.source or '<spec>'}: {where}.{part}.method: {rule.method!r} is valid but not "
+                    f"implemented yet (implemented: {', '.join(sorted(IMPLEMENTED[part]))})"
+                )
+
+
+def register_plan(spec: Spec, num_layers: int, num_kv_heads: int) -> int:
+    """Resolve ``spec`` for a model's attention layers and KV heads; returns the plan's id."""
+    _PLANS.append(spec.resolve(num_layers, num_kv_heads))
+    return len(_PLANS) - 1
+
+
+def plan(plan_id: int) -> Plan:
+    return _PLANS[plan_id]

@@ -1,0 +1,1 @@
+"""FX graph passes: find attention subgraphs in dynamo graphs and rewrite them into kvfx ops."""

@@ -1,0 +1,18 @@
+import os
+
+import pytest
+import torch
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA (run `pytest -m gpu` on the GPU machine)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+SHARED_ASSETS = os.environ.get(
+    "KVFX_ASSETS", os.path.join(os.path.dirname(__file__), "..", "..", "shared", "assets")
+)
