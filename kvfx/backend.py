@@ -18,6 +18,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch._dynamo.utils import counters
 from torch.fx import GraphModule
 
@@ -80,6 +81,10 @@ def rewrite_graph(gm: GraphModule, spec: Spec) -> RewriteReport:
 def _compile(gm: GraphModule, example_inputs, compiler: str):
     if compiler == "eager":
         return gm.forward
+    if torch.is_grad_enabled():
+        warnings.warn("kvfx: the model was compiled with gradients enabled; kvfx serves inference: no gradient "
+                      "flows through its attention and cache (call the model under torch.no_grad() or "
+                      "torch.inference_mode(), as generate() does)", stacklevel=3)
     if compiler == "aot_eager":
         from torch._dynamo.backends.debugging import aot_eager
 

@@ -48,6 +48,8 @@ def attention(
     eager_math: bool,  # the model used eager attention: reproduce its arithmetic on the reference path
 ) -> Tensor:  # [B, Hq, Tq, Dv]
     cache = REGISTRY.lookup(handle).layer(layer, keep_last)
+    if mask is not None:
+        mask = _as_4d(mask)
     past = handle.shape[-2] if continuing else 0
     if past != len(cache):
         raise KvfxCacheError(
@@ -63,13 +65,26 @@ def attention(
         )
     out = _attend(q, keys, values, mask, scale, softcap, is_causal, eager_math)
     cache.trim()
-    return out
+    return out.contiguous()  # the layout the fake implementation promises to the compiler
 
 
 @attention.register_fake
 def _attention_fake(q, k_new, v_new, handle, mask, layer, scale, softcap, is_causal, keep_last, continuing,
                     eager_math):
     return q.new_empty(*q.shape[:-1], v_new.shape[-1])
+
+
+def _mark_inference_only(ctx, inputs, output):
+    ctx.mark_non_differentiable(output)
+
+
+def _no_backward(ctx, grad):
+    raise RuntimeError("kvfx attention has no backward: kvfx serves inference")
+
+
+# The cache state is not differentiable: outputs are marked so, and no backward is ever traced through kvfx.
+attention.register_autograd(_no_backward, setup_context=_mark_inference_only)
+begin_sequence.register_autograd(_no_backward, setup_context=_mark_inference_only)
 
 
 def _attend(q, keys, values, mask, scale, softcap, is_causal, eager_math):
@@ -87,6 +102,16 @@ def _attend(q, keys, values, mask, scale, softcap, is_causal, eager_math):
     if eager_math:
         return attention_math(q, keys, values, mask=mask, scale=scale, softcap=softcap, is_causal=is_causal)
     return prefill_attention(q, keys, values, mask=mask, scale=scale, softcap=softcap, is_causal=is_causal)
+
+
+def _as_4d(mask: Tensor) -> Tensor:
+    """A mask or bias broadcastable to [B, H, Tq, Tk], as 4 dims; float masks clamped so that stacked large
+    negative fills (a padding mask plus a causal mask) stay finite, as in eager attention, instead of -inf."""
+    while mask.dim() < 4:
+        mask = mask.unsqueeze(0)
+    if mask.dtype.is_floating_point:
+        mask = mask.clamp_min(torch.finfo(mask.dtype).min)
+    return mask
 
 
 def _per_row_mask(mask: Tensor | None, q: Tensor):

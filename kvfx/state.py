@@ -130,6 +130,7 @@ class Registry:
     def __init__(self) -> None:
         self._states: dict[int, tuple[StorageWeakRef, SequenceState]] = {}
         self._lock = threading.Lock()
+        self.sequences_started = 0  # how many sequence batches kvfx has served (for tests and tools)
 
     def begin(self, like: torch.Tensor, plan_id: int) -> torch.Tensor:
         """Start a new sequence batch: returns its handle, a 1-element tensor of ``like``'s dtype and device."""
@@ -138,6 +139,7 @@ class Registry:
         storage = handle.untyped_storage()
         with self._lock:
             self._states[storage.data_ptr()] = (StorageWeakRef(storage), SequenceState(plan_id))
+            self.sequences_started += 1
         return handle
 
     def lookup(self, past: torch.Tensor) -> SequenceState:

@@ -28,7 +28,8 @@ class AttentionMatch:
     scale: float
     softcap: float = 0.0
     is_causal: bool = False
-    bias_terms: list[tuple[Node, float]] = field(default_factory=list)  # additive mask/bias terms, with factors
+    # Additive mask/bias terms: (tensor, factor), or ((bool condition, fill value), "masked_fill").
+    bias_terms: list[tuple] = field(default_factory=list)
     bool_mask: Node | None = None  # an SDPA boolean mask (True = attend)
 
 
@@ -106,6 +107,14 @@ def _fold_scores(node):
         if is_op(node, "to", "float", "type", "type_as", "contiguous"):
             node = node.args[0]
             continue
+        if is_op(node, "masked_fill"):
+            # scores.masked_fill(cond, -big) == scores + where(cond, -big, 0) once softmaxed (|scores| << big)
+            cond, value = arg(node, 1, "mask"), arg(node, 2, "value")
+            if not is_scalar(value) or value > -1e4:
+                return f"the attention scores are masked_fill-ed with {value}, not a large negative number"
+            steps.append(("masked_fill", (cond, float(value))))
+            node = node.args[0]
+            continue
         if is_op(node, "mul", "truediv", "add", "tanh"):
             a, b = node.args[0], (node.args[1] if len(node.args) > 1 else None)
             name = node.target if node.op == "call_method" else None
@@ -141,9 +150,11 @@ def _fold_scores(node):
                 post *= value
             else:
                 scale *= value
-            bias_terms = [(t, f * value) for t, f in bias_terms]
+            bias_terms = [(t, f if f == "masked_fill" else f * value) for t, f in bias_terms]
         elif step == "add":
             bias_terms.append((value, 1.0))
+        elif step == "masked_fill":
+            bias_terms.append((value, "masked_fill"))
         elif step == "tanh":
             if capped or bias_terms:
                 return "a mask or bias is added before the softcap tanh"

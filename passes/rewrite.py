@@ -206,7 +206,10 @@ def _replace_attention(graph, found: AttentionMatch, keys: CacheRead, values: Ca
         if found.bias_terms:
             mask = None
             for term, factor in found.bias_terms:
-                scaled = term if factor == 1.0 else graph.call_function(torch.mul, (term, factor))
+                if factor == "masked_fill":
+                    scaled = graph.call_function(torch.where, (term[0], term[1], 0.0))
+                else:
+                    scaled = term if factor == 1.0 else graph.call_function(torch.mul, (term, factor))
                 mask = scaled if mask is None else graph.call_function(torch.add, (mask, scaled))
         attention = graph.call_function(
             torch.ops.kvfx.attention.default,

@@ -13,6 +13,4 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-SHARED_ASSETS = os.environ.get(
-    "KVFX_ASSETS", os.path.join(os.path.dirname(__file__), "..", "..", "shared", "assets")
-)
+
