@@ -19,7 +19,7 @@ import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 
 # Storage grows in whole chunks of tokens, so that decode appends copy the cache rarely (amortised O(1) per step).
-GROWTH_CHUNK = 256
+GROWTH_CHUNK = 64
 
 
 class KvfxCacheError(RuntimeError):
@@ -46,9 +46,17 @@ class LayerCache:
 
     @property
     def nbytes(self) -> int:
+        """Bytes allocated (capacity included)."""
         if self.k is None:
             return 0
         return self.k.numel() * self.k.element_size() + self.v.numel() * self.v.element_size()
+
+    @property
+    def used_bytes(self) -> int:
+        """Bytes of the live tokens."""
+        if self.k is None:
+            return 0
+        return self.nbytes * len(self) // self.k.shape[2]
 
     def append(self, k_new: torch.Tensor, v_new: torch.Tensor) -> None:
         """Append ``[B, Hkv, Tn, D]`` new keys and values (as transformers' cache update would)."""
@@ -122,6 +130,10 @@ class SequenceState:
     @property
     def nbytes(self) -> int:
         return sum(layer.nbytes for layer in self.layers.values())
+
+    @property
+    def used_bytes(self) -> int:
+        return sum(layer.used_bytes for layer in self.layers.values())
 
 
 class Registry:
