@@ -15,20 +15,16 @@ Writes benchmarks/results/decode_attention_<gpu-name-slug>.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
-import re
 import sys
 import time
 
 import torch
 
+from kvfx.results import gpu_slug, results_path, write_json
+
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
-def _slug(name: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
 def _sdpa_gqa(q, k, v):
@@ -190,10 +186,7 @@ def main(argv=None):
         + "(return_mode='median')",
         "results": results,
     }
-    path = a.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"decode_attention_{_slug(gpu)}.json")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(payload, f, indent=2)
+    path = write_json(a.out or results_path(f"decode_attention_{gpu_slug(gpu)}.json"), payload)
     print(f"\nwrote {path}")
     return 0
 

@@ -48,7 +48,7 @@ def sdpa_attention(node: Node) -> AttentionMatch | Unsupported | None:
     dropout = arg(node, 4, "dropout_p", 0.0)
     is_causal = arg(node, 5, "is_causal", False)
     scale = arg(node, 6, "scale")
-    if not (dropout == 0.0 or dropout == 0):
+    if dropout != 0:
         return Unsupported("sdpa", node, f"attention dropout {dropout} (kvfx serves inference: call model.eval())")
     if not isinstance(is_causal, bool) or not (scale is None or is_scalar(scale)):
         return Unsupported("sdpa", node, "is_causal or scale is computed in the graph")

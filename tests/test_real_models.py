@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessor, L
 
 import kvfx
 from kvfx.assets import asset
+from kvfx.results import gpu_slug, results_path, write_json
 
 
 def load(name, dtype=torch.float32, device="cpu"):
@@ -149,24 +150,10 @@ def test_peak_memory_is_kvfx_storage_alone():
         kvfx_max_bytes_beyond_kvfx_storage=max(kvfx_excess[1:]),
         command="python -m pytest -m gpu tests/test_real_models.py -k peak_memory",
     )
-    _write_result(f"peak_memory_{_slug(figures['gpu'])}.json", figures)
+    write_json(results_path(f"peak_memory_{gpu_slug(figures['gpu'])}.json"), figures)
     assert min(stock_excess[1:]) > prompt * per_token, "the probe does not see the DynamicCache"
     # A DynamicCache copy would add the whole prompt's KV (16 MiB) or more; allow a quarter of that for per-step
     # buffers that differ between the two compiled graphs (measured on an H100: kvfx 6.5 MB, stock 3.4 MB).
     slack = prompt * per_token // 4
     assert figures["kvfx_max_bytes_beyond_kvfx_storage"] <= figures["compiled_max_bytes_beyond_dynamic_cache"] + slack, figures
     assert kvfx_peak <= stock_peak, figures
-
-
-def _slug(name: str) -> str:
-    return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
-
-
-def _write_result(name: str, figures: dict) -> None:
-    import json
-    import os
-    from pathlib import Path
-
-    folder = Path(os.environ.get("KVFX_RESULTS_DIR", Path(__file__).resolve().parent.parent / "benchmarks" / "results"))
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / name).write_text(json.dumps(figures, indent=2) + "\n")

@@ -1,0 +1,26 @@
+"""Where measured figures go: ``benchmarks/results/`` (or ``$KVFX_RESULTS_DIR``), one JSON per run, named by GPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+_DEFAULT_DIR = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
+
+
+def gpu_slug(name: str) -> str:
+    """'NVIDIA H100 80GB HBM3' -> 'nvidia-h100-80gb-hbm3'."""
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def results_path(filename: str) -> Path:
+    return Path(os.environ.get("KVFX_RESULTS_DIR", _DEFAULT_DIR)) / filename
+
+
+def write_json(path: str | Path, payload: dict) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+    return path
