@@ -28,8 +28,8 @@ class AttentionMatch:
     scale: float
     softcap: float = 0.0
     is_causal: bool = False
-    # Additive mask/bias terms: (tensor, factor), or ((bool condition, fill value), "masked_fill").
-    bias_terms: list[tuple] = field(default_factory=list)
+    bias_terms: list[tuple[Node, float]] = field(default_factory=list)  # additive mask/bias terms, with factors
+    fills: list[tuple[Node, float]] = field(default_factory=list)  # masked_fill(condition, large negative value)
     bool_mask: Node | None = None  # an SDPA boolean mask (True = attend)
 
 
@@ -84,11 +84,12 @@ def eager_attention(node: Node) -> AttentionMatch | Unsupported | None:
     scores = _fold_scores(probs.args[0])
     if isinstance(scores, str):
         return Unsupported("eager", node, scores)
-    query, key_t, scale, softcap, bias_terms = scores
+    query, key_t, scale, softcap, bias_terms, fills = scores
     key = _untranspose(key_t)
     if key is None:
         return Unsupported("eager", node, "the score matmul's second operand is not a transposed key tensor")
-    return AttentionMatch("eager", node, query, key, node.args[1], scale, softcap=softcap, bias_terms=bias_terms)
+    return AttentionMatch("eager", node, query, key, node.args[1], scale, softcap=softcap, bias_terms=bias_terms,
+                          fills=fills)
 
 
 ATTENTION_PATTERNS = (sdpa_attention, eager_attention)
@@ -97,8 +98,10 @@ ATTENTION_PATTERNS = (sdpa_attention, eager_attention)
 def _fold_scores(node):
     """Walk the scores back from the softmax input to ``matmul(q, k^T)``, folding what was applied on the way.
 
-    Returns (q, k^T, scale, softcap, bias terms) so that scores = cap(scale * q k^T) + sum(factor * bias), with
-    cap(x) = softcap * tanh(x / softcap) when softcap > 0, or a reason string.
+    Returns (q, k^T, scale, softcap, bias terms, fills) so that, before the softmax, scores =
+    cap(scale * q k^T) + sum(factor * bias) + sum(where(condition, value, 0)) with cap(x) = softcap * tanh(x / softcap)
+    when softcap > 0; or a reason string. A fill's value is large and negative, so the softmax is the same as for
+    masked_fill (and later scaling does not change it).
     """
     steps = []  # outermost first
     for _ in range(16):
@@ -142,7 +145,7 @@ def _fold_scores(node):
     if not is_op(node, "matmul"):
         return "the softmax input does not come from a matmul of queries and keys"
 
-    scale, post, softcap, bias_terms = 1.0, 1.0, 0.0, []
+    scale, post, softcap, bias_terms, fills = 1.0, 1.0, 0.0, [], []
     capped = False
     for step, value in reversed(steps):  # innermost first
         if step == "scale":
@@ -150,19 +153,19 @@ def _fold_scores(node):
                 post *= value
             else:
                 scale *= value
-            bias_terms = [(t, f if f == "masked_fill" else f * value) for t, f in bias_terms]
+            bias_terms = [(t, f * value) for t, f in bias_terms]
         elif step == "add":
             bias_terms.append((value, 1.0))
         elif step == "masked_fill":
-            bias_terms.append((value, "masked_fill"))
+            fills.append(value)
         elif step == "tanh":
-            if capped or bias_terms:
+            if capped or bias_terms or fills:
                 return "a mask or bias is added before the softcap tanh"
             capped, post = True, 1.0
     if capped:
         # post * tanh(scale * s) == softcap * tanh((scale * post) * s / softcap) with softcap = post
         softcap, scale = post, scale * post
-    return node.args[0], node.args[1], scale, softcap, bias_terms
+    return node.args[0], node.args[1], scale, softcap, bias_terms, fills
 
 
 def _leads_to_matmul(node, depth: int = 12) -> bool:

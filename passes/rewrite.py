@@ -28,7 +28,6 @@ class Site:
     kind: str
     reason: str | None = None  # why it was left unchanged; None if rewritten
     heads: tuple[int, int] | None = None  # (query heads, KV heads)
-    keep_last: int = 0
     cats: tuple[Node, ...] = ()  # the cache updates the rewrite made dead
 
 
@@ -102,7 +101,6 @@ def rewrite_attention(gm: GraphModule, sites: list[AttentionMatch | Unsupported]
             continue
         keys, values, keep_last = plan
         site.heads = (shape(found.query)[1], shape(keys.new)[1])
-        site.keep_last = keep_last
         site.cats = (keys.cat, values.cat)
         if not keys.continuing and handle is None:
             with graph.inserting_after(keys.new):  # before this layer's cache update and everything using it
@@ -203,14 +201,12 @@ def _replace_attention(graph, found: AttentionMatch, keys: CacheRead, values: Ca
     out_value = example(found.output)
     with graph.inserting_before(found.output):
         mask = found.bool_mask
-        if found.bias_terms:
-            mask = None
-            for term, factor in found.bias_terms:
-                if factor == "masked_fill":
-                    scaled = graph.call_function(torch.where, (term[0], term[1], 0.0))
-                else:
-                    scaled = term if factor == 1.0 else graph.call_function(torch.mul, (term, factor))
-                mask = scaled if mask is None else graph.call_function(torch.add, (mask, scaled))
+        terms = [t if f == 1.0 else graph.call_function(torch.mul, (t, f)) for t, f in found.bias_terms]
+        terms += [graph.call_function(torch.where, (cond, value, 0.0)) for cond, value in found.fills]
+        if terms:
+            mask = terms[0]
+            for term in terms[1:]:
+                mask = graph.call_function(torch.add, (mask, term))
         attention = graph.call_function(
             torch.ops.kvfx.attention.default,
             (found.query, keys.new, values.new, handle, mask, layer, found.scale, found.softcap,
