@@ -1,0 +1,200 @@
+"""Decode step with an eviction cache vs the full cache: SDPA-GQA over all T tokens vs kvfx's scored decode attention
+over a slot store of ``budget * T`` slots (+1 for the incoming token), which also returns each slot's score.
+
+    python benchmarks/decode_eviction.py                         # B=8 T=32768 Hq=32 Hkv=8 D=128 bf16, budget 0.2
+    python benchmarks/decode_eviction.py --budgets 0.1,0.2,0.3,0.5
+
+Paths timed per budget:
+  sdpa_gqa_full        F.scaled_dot_product_attention(q [B, Hq, 1, D], k, v [B, Hkv, T, D], enable_gqa=True)
+  kvfx_decode_store    kvfx decode_attention over the store (no scores), for the cost of scoring
+  kvfx_scored          scored_decode_attention over the store (H2O scores)
+  kvfx_scored_gumbel   the same with Keyformer's Gumbel-softmax scores
+The store's bias is 0 with a few -inf slots (empty slots).  Times are CUDA-event medians of single calls after
+warm-up (which also runs the kernels' autotuning), the L2 cache flushed before each call.
+Writes benchmarks/results/decode_eviction_<gpu-name-slug>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+from kvfx.results import gpu_slug, results_path, write_json
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def _time_ms(fn, warmup: int, reps: int, flush: torch.Tensor | None) -> float:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    for i in range(reps):
+        if flush is not None:
+            flush.zero_()
+        starts[i].record()
+        fn()
+        ends[i].record()
+    torch.cuda.synchronize()
+    return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
+
+
+def _rel_err(got, ref) -> float:
+    return (got.float() - ref.float()).abs().max().item() / max(ref.float().abs().max().item(), 1e-30)
+
+
+def bench_budget(q, k_full, v_full, budget: float, *, warmup: int, reps: int, flush, check: bool) -> dict:
+    from kvfx.kernels.decode_attention import decode_attention
+    from kvfx.kernels.scored_decode_attention import (
+        GumbelScores,
+        scored_decode_attention,
+        scored_decode_attention_reference,
+    )
+
+    B, Hq, D = q.shape
+    Hkv, T = k_full.shape[1], k_full.shape[2]
+    S = round(budget * T) + 1
+    dev = q.device
+    gen = torch.Generator(device=dev).manual_seed(1)
+    k = torch.randn(B, Hkv, S, D, device=dev, dtype=q.dtype, generator=gen)
+    v = torch.randn(B, Hkv, S, D, device=dev, dtype=q.dtype, generator=gen)
+    bias = torch.zeros(B, 1, S, device=dev)
+    bias[torch.rand(B, 1, S, device=dev, generator=gen) < 0.01] = float("-inf")  # a few empty slots
+    bias[:, :, -1] = 0.0  # the incoming token's slot
+    mask = bias[:, 0]  # the same bias for decode_attention ([B, kv_len] additive)
+    gumbel = GumbelScores(seed=1234, layer=0, tau=1.0)
+    qpos = torch.full((B,), T, device=dev, dtype=torch.int64)
+    kpos = torch.randint(0, T, (B, Hkv, S), device=dev, dtype=torch.int64, generator=gen)
+    scale = D**-0.5
+    store_bytes = 2 * k.numel() * k.element_size()
+
+    def scored():
+        return scored_decode_attention(q, k, v, bias, scale=scale)
+
+    def scored_gumbel():
+        return scored_decode_attention(q, k, v, bias, scale=scale, gumbel=gumbel, qpos=qpos, kpos=kpos)
+
+    t0 = time.time()
+    scored()
+    scored_gumbel()
+    torch.cuda.synchronize()
+    first_call_s = time.time() - t0
+
+    errors = {}
+    if check:  # float32 reference on the GPU, TF32 off
+        prev = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = False
+        try:
+            for name, kw in (("plain", {}), ("gumbel", dict(gumbel=gumbel, qpos=qpos, kpos=kpos))):
+                out, score = scored_decode_attention(q, k, v, bias, scale=scale, **kw)
+                ref_out, ref_score = scored_decode_attention_reference(q.float(), k.float(), v.float(), bias,
+                                                                       scale=scale, **kw)
+                errors[f"{name}_out_rel"] = _rel_err(out, ref_out)
+                errors[f"{name}_score_rel"] = _rel_err(score, ref_score)
+                del ref_out, ref_score
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = prev
+        torch.cuda.empty_cache()
+
+    ms = {
+        "kvfx_decode_store": _time_ms(lambda: decode_attention(q, k, v, S, mask=mask, scale=scale), warmup, reps,
+                                      flush),
+        "kvfx_scored": _time_ms(scored, warmup, reps, flush),
+        "kvfx_scored_gumbel": _time_ms(scored_gumbel, warmup, reps, flush),
+    }
+    del k, v
+    torch.cuda.empty_cache()
+    return dict(budget=budget, slots=S, store_bytes=store_bytes, ms=ms, first_call_s=first_call_s, rel_err=errors,
+                store_tb_per_s={n: store_bytes / (t * 1e-3) / 1e12 for n, t in ms.items()})
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--batch", "-B", type=int, default=8)
+    p.add_argument("--seq", "-T", type=int, default=32768, help="tokens in the full cache")
+    p.add_argument("--q-heads", type=int, default=32)
+    p.add_argument("--kv-heads", type=int, default=8)
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    p.add_argument("--budgets", default="0.2",
+                   help="comma-separated store sizes as fractions of T, e.g. 0.1,0.2,0.3,0.5")
+    p.add_argument("--warmup", type=int, default=20)
+    p.add_argument("--reps", type=int, default=200)
+    p.add_argument("--no-flush", action="store_true", help="do not flush the L2 cache before each timed call")
+    p.add_argument("--no-check", action="store_true", help="skip the float32 reference check")
+    p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/decode_eviction_<gpu>.json)")
+    a = p.parse_args(argv)
+
+    try:
+        budgets = [float(x) for x in a.budgets.split(",") if x.strip()]
+    except ValueError:
+        p.error(f"--budgets must be comma-separated numbers, got {a.budgets!r}")
+    if not budgets or not all(0.0 < b <= 1.0 for b in budgets):
+        p.error(f"--budgets must be fractions in (0, 1], got {a.budgets!r}")
+    if not torch.cuda.is_available():
+        print("decode_eviction benchmark: CUDA is not available; run it on a GPU machine.", file=sys.stderr)
+        return 2
+    os.environ.pop("TRITON_INTERPRET", None)
+    import triton
+
+    dtype = DTYPES[a.dtype]
+    B, T, Hq, Hkv, D = a.batch, a.seq, a.q_heads, a.kv_heads, a.head_dim
+    dev = torch.device("cuda")
+    gpu = torch.cuda.get_device_name(0)
+    print(f"GPU: {gpu}  torch {torch.__version__}  triton {triton.__version__}")
+    torch.manual_seed(0)
+    q = torch.randn(B, Hq, D, device=dev, dtype=dtype)
+    k_full = torch.randn(B, Hkv, T, D, device=dev, dtype=dtype)
+    v_full = torch.randn(B, Hkv, T, D, device=dev, dtype=dtype)
+    full_bytes = 2 * k_full.numel() * k_full.element_size()
+    flush = None if a.no_flush else torch.empty(256 * 1024 * 1024, dtype=torch.int8, device=dev)
+
+    def sdpa():
+        return torch.nn.functional.scaled_dot_product_attention(q[:, :, None], k_full, v_full, enable_gqa=True)
+
+    sdpa_ms = _time_ms(sdpa, a.warmup, a.reps, flush)
+    print(f"\nB={B} T={T} Hq={Hq} Hkv={Hkv} D={D} {a.dtype}: full cache {full_bytes / 1e9:.3f} GB")
+    print(f"  {'sdpa_gqa_full':<22}{sdpa_ms:>10.4f} ms {full_bytes / (sdpa_ms * 1e-3) / 1e12:>7.2f} TB/s")
+
+    results = []
+    for budget in budgets:
+        r = bench_budget(q, k_full, v_full, budget, warmup=a.warmup, reps=a.reps, flush=flush, check=not a.no_check)
+        r["speedup_vs_sdpa_gqa_full"] = {n: sdpa_ms / t for n, t in r["ms"].items()}
+        results.append(r)
+        print(f"\n  budget {budget:g}: {r['slots']} slots, store {r['store_bytes'] / 1e9:.3f} GB, "
+              f"first calls {r['first_call_s']:.1f} s")
+        if r["rel_err"]:
+            print("  max rel err vs fp32 reference: " + "  ".join(f"{n} {e:.2e}" for n, e in r["rel_err"].items()))
+        for n, t in r["ms"].items():
+            print(f"  {n:<22}{t:>10.4f} ms {r['store_tb_per_s'][n]:>7.2f} TB/s   "
+                  f"{r['speedup_vs_sdpa_gqa_full'][n]:>5.2f}x vs sdpa_gqa_full")
+
+    payload = {
+        "gpu": gpu,
+        "sm_count": torch.cuda.get_device_properties(0).multi_processor_count,
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "autotune": os.environ.get("KVFX_DECODE_AUTOTUNE", "1"),
+        "shape": dict(B=B, T=T, Hq=Hq, Hkv=Hkv, D=D, dtype=a.dtype),
+        "timer": f"CUDA events, median of {a.reps} single calls after {a.warmup} warm-up calls"
+        + ("" if a.no_flush else ", L2 flushed (256 MB memset) before each call"),
+        "sdpa_gqa_full_ms": sdpa_ms,
+        "full_cache_bytes": full_bytes,
+        "results": results,
+    }
+    path = write_json(a.out or results_path(f"decode_eviction_{gpu_slug(gpu)}.json"), payload)
+    print(f"\nwrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
