@@ -11,15 +11,18 @@ on any device. Their CPU path is the torch reference; on CUDA the decode step ru
 
 from __future__ import annotations
 
-import warnings
 from typing import Optional
 
 import torch
 from torch import Tensor
 
+from kvfx.eviction import make_policy
+from kvfx.eviction.slot_cache import EvictingLayerCache
 from kvfx.kernels.decode_attention import decode_attention, decode_attention_reference, supports
 from kvfx.kernels.prefill_attention import attention_math, prefill_attention
-from kvfx.state import REGISTRY, KvfxCacheError
+from kvfx.plans import plan
+from kvfx.state import REGISTRY, KvfxCacheError, LayerCache, SequenceState
+from kvfx.notices import warn_once
 
 
 @torch.library.custom_op("kvfx::begin_sequence", mutates_args=())
@@ -47,7 +50,7 @@ def attention(
     continuing: bool,  # the graph received a past cache (decode), rather than starting from an empty one
     eager_math: bool,  # the model used eager attention: reproduce its arithmetic on the reference path
 ) -> Tensor:  # [B, Hq, Tq, Dv]
-    cache = REGISTRY.lookup(handle).layer(layer, keep_last)
+    cache = _layer_cache(REGISTRY.lookup(handle), layer, keep_last)
     if mask is not None:
         mask = _as_4d(mask)
     past = handle.shape[-2] if continuing else 0
@@ -57,6 +60,8 @@ def attention(
             "cropped or edited outside kvfx (DynamicCache.crop, assisted or contrastive decoding), "
             "which kvfx cannot follow"
         )
+    if isinstance(cache, EvictingLayerCache):
+        return _attend_evicting(cache, q, k_new, v_new, mask, scale, softcap, is_causal, continuing, eager_math)
     cache.append(k_new, v_new)
     keys, values = cache.keys(), cache.values()  # [B, Hkv, T, D] views of kvfx's storage
     if mask is not None and mask.shape[-1] != keys.shape[-2]:
@@ -87,6 +92,33 @@ attention.register_autograd(_no_backward, setup_context=_mark_inference_only)
 begin_sequence.register_autograd(_no_backward, setup_context=_mark_inference_only)
 
 
+def _layer_cache(state: SequenceState, layer: int, keep_last: int):
+    """The layer's cache, made on first use: a full cache, or an evicting one if any KV head's policy evicts."""
+    cache = state.layers.get(layer)
+    if cache is None:
+        policies = [make_policy(policy.evict) for policy in plan(state.plan_id).layer_policies(layer)]
+        if any(policies):
+            cache = EvictingLayerCache(layer, policies, keep_last)
+        else:
+            cache = LayerCache(keep_last)
+        state.layers[layer] = cache
+    return cache
+
+
+def _attend_evicting(cache: EvictingLayerCache, q, k_new, v_new, mask, scale, softcap, is_causal, continuing,
+                     eager_math):
+    if not continuing:  # the prompt: ordinary attention over all of it, then keep the policy's budget
+        out = _attend(q, k_new, v_new, mask, scale, softcap, is_causal, eager_math)
+        cache.compress_prompt(q, k_new, v_new, mask, scale=scale, softcap=softcap, is_causal=is_causal)
+        return out.contiguous()
+    if q.shape[2] != 1:
+        raise KvfxCacheError(
+            f"layer {cache.layer}: {q.shape[2]} new tokens in one step after the prompt; eviction policies take one "
+            "token per decode step (chunked prefill, assisted and speculative decoding are not supported)"
+        )
+    return cache.decode(q, k_new, v_new, mask, scale=scale, softcap=softcap).contiguous()
+
+
 def _attend(q, keys, values, mask, scale, softcap, is_causal, eager_math):
     decode_mask = _per_row_mask(mask, q)
     is_decode = q.shape[2] == 1 and not (is_causal and keys.shape[2] > 1) and decode_mask is not False
@@ -96,7 +128,7 @@ def _attend(q, keys, values, mask, scale, softcap, is_causal, eager_math):
             out = decode_attention(q[:, :, 0], keys, values, keys.shape[2], mask=decode_mask, scale=scale,
                                    softcap=softcap)
             return out.unsqueeze(2)
-        _warn_once(f"kvfx: decode attention runs the torch reference ({reason})")
+        warn_once(f"kvfx: decode attention runs the torch reference ({reason})")
         return decode_attention_reference(q[:, :, 0], keys, values, keys.shape[2], mask=decode_mask, scale=scale,
                                           softcap=softcap).unsqueeze(2)
     if eager_math:
@@ -121,12 +153,3 @@ def _per_row_mask(mask: Tensor | None, q: Tensor):
     if mask.shape[1] != 1:
         return False
     return mask[:, 0, -1, :].expand(q.shape[0], mask.shape[-1])
-
-
-_WARNED: set[str] = set()
-
-
-def _warn_once(message: str) -> None:
-    if message not in _WARNED:
-        _WARNED.add(message)
-        warnings.warn(message, stacklevel=3)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from kvfx.spec import Plan, Spec, SpecError
 
-IMPLEMENTED = {"evict": {"none"}, "quantize": {"none"}}
+IMPLEMENTED = {"evict": {"none", "window", "h2o", "keyformer", "snapkv"}, "quantize": {"none"}}
 
 _PLANS: list[Plan] = []
 
@@ -24,6 +24,9 @@ def check_implemented(spec: Spec) -> None:
                     f"{spec.source or '<spec>'}: {where}.{part}.method: {rule.method!r} is valid but not "
                     f"implemented yet (implemented: {', '.join(sorted(IMPLEMENTED[part]))})"
                 )
+            if rule is not None and getattr(rule, "positions", "original") != "original":
+                raise SpecError(f"{spec.source or '<spec>'}: {where}.{part}.positions: {rule.positions!r} is valid "
+                                "but not implemented yet (implemented: original)")
 
 
 def register_plan(spec: Spec, num_layers: int, num_kv_heads: int) -> int:

@@ -383,11 +383,14 @@ class EvictWindow(_Method):
 
 @_config
 class EvictH2O(_Method):
-    """Heavy-Hitter Oracle: keep the `recent` window plus the tokens with most accumulated attention."""
+    """Heavy-Hitter Oracle: keep the `recent` window plus the tokens with most accumulated attention.
+
+    The defaults are the paper's: a budget of 20% of the prompt, half of it (10% of the prompt) recent tokens.
+    """
 
     method: Literal["h2o"] = "h2o"
     budget: Budget = 0.2
-    recent: Recent = 0.1
+    recent: Recent = 0.5
 
     @model_validator(mode="after")
     def _cross_checks(self) -> EvictH2O:
@@ -404,6 +407,7 @@ class EvictKeyformer(_Method):
     recent: Recent = 0.3
     tau: Tau = (1.0, 2.0)
     seed: AnyInt = 0
+    max_new_tokens: Count = 256  # the decode steps over which tau goes from tau_init to tau_end (then stays)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> EvictKeyformer:

@@ -95,8 +95,16 @@ def test_unknown_backend_option_is_rejected():
 def test_unimplemented_method_is_rejected_at_compile_time():
     torch._dynamo.reset()
     fn = torch.compile(lambda x: x + 1, backend="kvfx",
-                       options={"spec": {"version": 1, "default": {"evict": {"method": "h2o"}}}})
-    with pytest.raises(Exception, match=r"default.evict.method: 'h2o' is valid but not implemented yet"):
+                       options={"spec": {"version": 1, "default": {"quantize": {"method": "kivi"}}}})
+    with pytest.raises(Exception, match=r"default.quantize.method: 'kivi' is valid but not implemented yet"):
+        fn(torch.ones(2))
+
+
+def test_unimplemented_compact_positions_are_rejected_at_compile_time():
+    torch._dynamo.reset()
+    spec = {"version": 1, "default": {"evict": {"method": "window", "budget": 8, "positions": "compact"}}}
+    fn = torch.compile(lambda x: x + 1, backend="kvfx", options={"spec": spec})
+    with pytest.raises(Exception, match=r"default.evict.positions: 'compact' is valid but not implemented yet"):
         fn(torch.ones(2))
 
 

@@ -34,7 +34,7 @@ from kvfx.spec import (
 REPO = pathlib.Path(__file__).resolve().parent.parent
 EXAMPLES = sorted(glob.glob(str(REPO / "examples" / "specs" / "*.yaml")))
 
-H2O = {"method": "h2o", "budget": 0.2, "recent": 0.1}
+H2O = {"method": "h2o", "budget": 0.2, "recent": 0.5}
 KIVI = {"method": "kivi", "bits": 4, "group": 32, "residual": 128}
 NONE = {"method": "none"}
 
@@ -69,7 +69,7 @@ def dict_error(data):
 def test_minimal_spec_is_identity_and_methods_have_documented_defaults():
     assert Spec.from_dict({"version": 1}) == Spec.identity()
     assert Spec.identity().default == Policy(evict=EvictNone(), quantize=QuantizeNone())
-    assert EvictH2O() == EvictH2O(budget=0.2, recent=0.1)
+    assert EvictH2O() == EvictH2O(budget=0.2, recent=0.5)
     assert EvictKeyformer().tau == (1.0, 2.0) and EvictKeyformer().seed == 0
     window = EvictWindow(budget=64)
     assert (window.sink, window.positions) == (4, "original")
@@ -372,9 +372,9 @@ def test_describe_groups_identical_layers_and_lists_differing_heads():
     text = plan.describe()
     assert str(plan) == text
     assert text.splitlines()[0] == "kvfx plan: 4 layers x 2 KV heads (mix.yaml)"
-    assert "  layers 0-1: evict=h2o(budget=0.2, recent=0.1) quantize=none" in text
-    assert "    head 0: evict=h2o(budget=0.2, recent=0.1) quantize=kivi(bits=4, group=32, residual=128)" in text
-    assert "    head 1: evict=h2o(budget=0.2, recent=0.1) quantize=none" in text
+    assert "  layers 0-1: evict=h2o(budget=0.2, recent=0.5) quantize=none" in text
+    assert "    head 0: evict=h2o(budget=0.2, recent=0.5) quantize=kivi(bits=4, group=32, residual=128)" in text
+    assert "    head 1: evict=h2o(budget=0.2, recent=0.5) quantize=none" in text
     assert "  layer 3: evict=none quantize=none" in text
     assert len(text.splitlines()) == 6  # header, layers 0-1, layer 2 + two head lines, layer 3
 

@@ -1,0 +1,296 @@
+"""The fixed-budget KV cache of one attention layer under eviction.
+
+Per (row, KV head) a preallocated store of ``capacity`` slots, each with its key, value, original cache position
+and running score (``pos == -1``: an empty slot). Capacity is the largest budget plus one spare slot, so memory is
+fixed after the prompt however long generation runs::
+
+    k: [B, Hkv, C, D]   v: [B, Hkv, C, Dv]   pos: [B, Hkv, C] int64   score: [B, Hkv, C] float32   live: [B, Hkv]
+
+Keys are stored as transformers computed them (after RoPE, at their original positions), so attention needs no
+position fix-up; masks and positional biases (ALiBi) are read at each slot's original position.
+
+- Prefill: attention over the whole prompt happens outside (it is ordinary attention); ``compress_prompt`` scores
+  the prompt (if the policy reads scores) and keeps each row's and head's top-``budget`` tokens by priority.
+  Padding is never kept.
+- Decode, one token: write it into an empty slot, attend over the slots (the kernel also returns each slot's score
+  contribution, in the same pass over K), then, where a row and head hold more than their budget, empty the slot
+  of lowest priority: O(capacity) per step, no compaction.
+
+A layer may mix policies across its KV heads (``None`` = keep everything; such a layer grows in chunks).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from kvfx.eviction.base import INF, EvictionContext, EvictionError, EvictionPolicy
+from kvfx.kernels.attention_scores import attention_column_scores, attention_column_scores_reference
+from kvfx.kernels.attention_scores import supports as column_scores_supports
+from kvfx.kernels.scored_decode_attention import GumbelScores, scored_decode_attention
+from kvfx.kernels.scored_decode_attention import scored_decode_attention_reference
+from kvfx.kernels.scored_decode_attention import supports as scored_decode_supports
+from kvfx.state import KvfxCacheError
+from kvfx.notices import warn_once
+
+GROWTH_CHUNK = 64  # slots added at a time to a layer whose heads keep everything
+_UNBOUNDED = 2**62  # the budget of a head that keeps everything
+
+
+class EvictingLayerCache:
+    def __init__(self, layer: int, policies: Sequence[EvictionPolicy | None], keep_last: int = 0):
+        self.layer = layer
+        self.keep_last = keep_last
+        self.groups: list[tuple[EvictionPolicy, list[int]]] = []  # each policy and the KV heads it rules
+        for head, policy in enumerate(policies):
+            if policy is None:
+                continue
+            for known, heads in self.groups:
+                if known.config == policy.config:
+                    heads.append(head)
+                    break
+            else:
+                self.groups.append((policy, [head]))
+        self.num_heads = len(policies)
+        self.unbounded = len(policies) > sum(len(heads) for _, heads in self.groups)
+        kinds = {policy.scores for policy, _ in self.groups if policy.scores}
+        gumbels = {policy.config for policy, _ in self.groups if policy.scores == "gumbel"}
+        if len(kinds) > 1 or len(gumbels) > 1:
+            raise EvictionError(f"layer {layer}: KV heads of one layer use different attention scores "
+                                f"({', '.join(sorted(p.config.describe() for p, _ in self.groups))}); "
+                                "give them one scoring policy (or use per-layer overrides)")
+        self.scorer = next((policy for policy, _ in self.groups if policy.scores), None)
+        self.k: Tensor | None = None
+        self.v: Tensor | None = None
+        self.pos: Tensor | None = None
+        self.score: Tensor | None = None
+        self.live: Tensor | None = None
+        self.budget: Tensor | None = None  # [B, Hkv] int64
+        self.recent: Tensor | None = None  # [B, Hkv] int64
+        self.first_valid: Tensor | None = None  # [B]
+        self.seen = 0  # tokens written, padding included (the cache length transformers believes in)
+        self.prompt_end = 0
+
+    # ---- sizes ----------------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        """The cache length transformers reports for this layer (its sliding window, if any, applied)."""
+        return min(self.seen, self.keep_last) if self.keep_last else self.seen
+
+    @property
+    def capacity(self) -> int:
+        return 0 if self.k is None else self.k.shape[2]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes allocated: keys, values, positions and scores of every slot."""
+        if self.k is None:
+            return 0
+        return sum(t.numel() * t.element_size() for t in (self.k, self.v, self.pos, self.score))
+
+    @property
+    def used_bytes(self) -> int:
+        """Bytes of the live slots."""
+        if self.k is None:
+            return 0
+        return int(self.live.sum()) * self.nbytes // (self.k.shape[0] * self.k.shape[1] * self.capacity)
+
+    def kept_positions(self) -> list[list[set[int]]]:
+        """The cache positions kept, ``[row][kv head] -> set`` (for tests and tools; syncs with the device)."""
+        pos = self.pos.cpu()
+        return [[set(p[p >= 0].tolist()) for p in row] for row in pos]
+
+    # ---- prefill --------------------------------------------------------------------------------
+
+    def compress_prompt(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, *, scale: float,
+                        softcap: float, is_causal: bool) -> None:
+        """Keep each row's and KV head's budget of the prompt ``k``/``v`` ``[B, Hkv, T, D]`` (q: ``[B, Hq, T, D]``)."""
+        if self.k is not None:
+            raise EvictionError(f"layer {self.layer}: the prompt was already written to this cache")
+        b, h, t, d = k.shape
+        valid = _real_columns(mask, b, t, k.device, sliding=self.keep_last > 0)  # [B, T]: not padding
+        attendable = _attendable_columns(mask, b, t, k.device)  # [B, T]: the last query can still see it
+        self.first_valid = valid.to(torch.int8).argmax(dim=-1)
+        prompt_tokens = valid.sum(dim=-1)
+        self.prompt_end = self.seen = t
+        self.budget = torch.full((b, h), _UNBOUNDED, dtype=torch.long, device=k.device)
+        self.recent = torch.zeros((b, h), dtype=torch.long, device=k.device)
+        capacity = 0
+        for policy, heads in self.groups:
+            budget = policy.budget(prompt_tokens, t)
+            policy.check(budget, prompt_tokens)
+            self.budget[:, heads] = budget[:, None]
+            self.recent[:, heads] = policy.recent(budget)[:, None]
+            capacity = max(capacity, policy.capacity(t))
+        capacity = max(capacity, t) if self.unbounded else capacity
+        capacity += 1  # the spare slot the next token is written to
+
+        def column_scores(queries: Tensor, gumbel: GumbelScores | None) -> Tensor:
+            rows = queries.shape[2]
+            part = None if mask is None else mask[..., mask.shape[-2] - rows:, :] if mask.shape[-2] > 1 else mask
+            return _column_scores(queries, k, scale=scale, mask=part, causal=is_causal, valid=valid,
+                                  softcap=softcap, gumbel=gumbel)
+
+        positions = torch.arange(t, device=k.device).expand(b, h, t)
+        scores = torch.zeros(b, h, t, dtype=torch.float32, device=k.device)
+        priority = torch.full((b, h, t), INF, device=k.device)
+        for policy, heads in self.groups:
+            ctx = self._context(policy, heads)
+            found = policy.prompt_scores(column_scores, q, k, ctx)
+            if found is not None:
+                scores[:, heads] = found[:, heads]
+            priority[:, heads] = policy.priority(positions[:, heads], scores[:, heads], ctx)
+        priority = priority.masked_fill(~(valid & attendable)[:, None, :], -INF)
+
+        # The budget's best, ties going to the more recent token: a stable sort over reversed positions.
+        kept = min(capacity - 1, t)
+        best, reversed_index = priority.flip(-1).sort(dim=-1, descending=True, stable=True)
+        best, top_index = best[..., :kept], (t - 1) - reversed_index[..., :kept]  # [B, Hkv, kept]
+        keep = (torch.arange(kept, device=k.device) < self.budget[..., None]) & (best > -INF)
+        index, order = top_index.sort(dim=-1)  # slots in position order
+        keep = keep.gather(-1, order)
+        self.k = k.new_zeros(b, h, capacity, d)
+        self.v = v.new_zeros(b, h, capacity, v.shape[-1])
+        self.k[:, :, :kept] = k.gather(2, index[..., None].expand(b, h, kept, d))
+        self.v[:, :, :kept] = v.gather(2, index[..., None].expand(b, h, kept, v.shape[-1]))
+        self.pos = torch.full((b, h, capacity), -1, dtype=torch.long, device=k.device)
+        self.pos[:, :, :kept] = torch.where(keep, index, -1)
+        self.score = torch.zeros(b, h, capacity, dtype=torch.float32, device=k.device)
+        self.score[:, :, :kept] = torch.where(keep, scores.gather(-1, index), 0.0)
+        self.live = keep.sum(dim=-1)
+
+    # ---- decode ---------------------------------------------------------------------------------
+
+    def decode(self, q: Tensor, k_new: Tensor, v_new: Tensor, mask: Tensor | None, *, scale: float,
+               softcap: float) -> Tensor:
+        """One decode step: q ``[B, Hq, 1, D]``, k_new/v_new ``[B, Hkv, 1, D]`` -> attention output ``[B, Hq, 1, Dv]``."""
+        if self.k is None:
+            raise EvictionError(f"layer {self.layer}: decode before the prompt")
+        b, h = self.live.shape
+        if tuple(k_new.shape[:2]) != (b, h):
+            raise KvfxCacheError(
+                f"layer {self.layer}: new keys of shape {tuple(k_new.shape)} do not fit the cache of {b} rows x {h} "
+                "KV heads: the batch changed under kvfx (beam search and cache reordering are not supported)"
+            )
+        if self.unbounded and self.seen >= self.capacity:
+            self._grow(self.seen + 1)
+        slot = (self.pos < 0).to(torch.int8).argmax(dim=-1, keepdim=True)  # [B, Hkv, 1] an empty slot
+        self.k.scatter_(2, slot[..., None].expand(b, h, 1, self.k.shape[-1]), k_new)
+        self.v.scatter_(2, slot[..., None].expand(b, h, 1, self.v.shape[-1]), v_new)
+        self.pos.scatter_(2, slot, self.seen)
+        self.score.scatter_(2, slot, 0.0)
+        self.live += 1
+        self.seen += 1
+
+        bias, attendable = self._bias(mask, q.shape[1])
+        gumbel = self.scorer.gumbel(self._context(self.scorer, [])) if self.scorer is not None else None
+        qpos = torch.full((b,), self.seen - 1, dtype=torch.long, device=q.device)
+        out, contribution = _scored_decode(q[:, :, 0], self.k, self.v, bias, scale=scale, softcap=softcap,
+                                           gumbel=gumbel, qpos=qpos, kpos=self.pos)
+        if self.scorer is not None:
+            self.score += contribution
+        self._evict(attendable)
+        return out.unsqueeze(2)
+
+    def _evict(self, attendable: Tensor) -> None:
+        """Empty the lowest-priority slot of every (row, head) holding more than its budget."""
+        priority = torch.full_like(self.score, INF)
+        for policy, heads in self.groups:
+            priority[:, heads] = policy.priority(self.pos[:, heads], self.score[:, heads],
+                                                 self._context(policy, heads))
+        priority = torch.where(attendable, priority, -INF)  # what no query can see again goes first
+        priority = torch.where(self.pos < 0, INF, priority)  # an empty slot is not a candidate
+        lowest = priority.amin(dim=-1, keepdim=True)  # ties: the oldest token goes
+        victim = torch.where(priority == lowest, self.pos, _UNBOUNDED).argmin(dim=-1, keepdim=True)  # [B, Hkv, 1]
+        over = (self.live > self.budget)[..., None]
+        self.pos.scatter_(2, victim, torch.where(over, -1, self.pos.gather(2, victim)))
+        self.live -= over[..., 0].long()
+
+    def _bias(self, mask: Tensor | None, query_heads: int) -> tuple[Tensor, Tensor]:
+        """The additive bias of every slot for the new query, ``[B, 1|Hkv|Hq, C]`` float32 (-inf: not attended),
+        and whether each slot is attendable at all, ``[B, Hkv, C]``."""
+        b, h, c = self.pos.shape
+        present = self.pos >= 0
+        if mask is None:
+            bias = torch.zeros(b, h, c, device=self.pos.device)
+            return bias.masked_fill(~present, -INF), present
+        columns = mask.shape[-1]
+        column = self.pos - (self.seen - columns)  # the mask column of each slot's position
+        present = present & (column >= 0)
+        column = column.clamp(0, columns - 1)
+        last = mask[:, :, -1, :]  # [B|1, 1|Hq, Tk]
+        if last.dtype == torch.bool:
+            seen_by_row = last[:, 0].expand(b, columns).gather(1, column.view(b, h * c)).view(b, h, c)
+            attendable = present & seen_by_row
+            return torch.zeros(b, h, c, device=self.pos.device).masked_fill(~attendable, -INF), attendable
+        values = last.float().expand(b, last.shape[1], columns)
+        masked_below = torch.finfo(last.dtype).min / 2
+        if values.shape[1] == 1:
+            bias = values[:, 0].gather(1, column.view(b, h * c)).view(b, h, c)
+            attendable = present & (bias > masked_below)
+        else:  # a per-head bias (ALiBi): each query head reads its KV head's slots
+            group = query_heads // h
+            per_head = column.repeat_interleave(group, dim=1)  # [B, Hq, C]
+            bias = values.expand(b, query_heads, columns).gather(2, per_head)
+            attendable = present & (bias.view(b, h, group, c)[:, :, 0] > masked_below)
+            present = attendable.repeat_interleave(group, dim=1)
+            return bias.masked_fill(~present, -INF), attendable
+        return bias.masked_fill(~attendable, -INF), attendable
+
+    def _grow(self, needed: int) -> None:
+        capacity = -(-max(needed + 1, self.capacity + self.capacity // 8) // GROWTH_CHUNK) * GROWTH_CHUNK
+        extra = capacity - self.capacity
+        b, h = self.live.shape
+        self.k = torch.cat([self.k, self.k.new_zeros(b, h, extra, self.k.shape[-1])], dim=2)
+        self.v = torch.cat([self.v, self.v.new_zeros(b, h, extra, self.v.shape[-1])], dim=2)
+        self.pos = torch.cat([self.pos, self.pos.new_full((b, h, extra), -1)], dim=2)
+        self.score = torch.cat([self.score, self.score.new_zeros(b, h, extra)], dim=2)
+
+    def _context(self, policy: EvictionPolicy, heads: list[int]) -> EvictionContext:
+        head = heads[0] if heads else 0
+        return EvictionContext(layer=self.layer, prompt_end=self.prompt_end, seen=self.seen,
+                               first_valid=self.first_valid, budget=self.budget[:, head],
+                               recent=self.recent[:, head])
+
+
+def _real_columns(mask: Tensor | None, batch: int, length: int, device, *, sliding: bool) -> Tensor:
+    """``[B, T]``: which prompt positions are real tokens rather than padding. Padding is masked for every query;
+    in a sliding-window layer the last query also misses the tokens before its window, so every row is read."""
+    if not sliding:
+        return _attendable_columns(mask, batch, length, device)
+    if mask is None:
+        return torch.ones(batch, length, dtype=torch.bool, device=device)
+    seen = mask[:, 0] if mask.dtype == torch.bool else mask[:, 0] > torch.finfo(mask.dtype).min / 2
+    return seen.any(dim=-2).expand(batch, length)
+
+
+def _attendable_columns(mask: Tensor | None, batch: int, length: int, device) -> Tensor:
+    """``[B, T]``: which prompt positions the last prompt query may attend (False = padding)."""
+    if mask is None:
+        return torch.ones(batch, length, dtype=torch.bool, device=device)
+    last = mask[:, 0, -1, :]
+    if last.dtype != torch.bool:
+        last = last > torch.finfo(last.dtype).min / 2
+    return last.expand(batch, length)
+
+
+def _column_scores(q, k, **kwargs) -> Tensor:
+    """Column sums of the prompt's attention probabilities: the Triton kernel on CUDA, else the reference."""
+    if q.is_cuda:
+        reason = column_scores_supports(q, k)
+        if reason is None:
+            return attention_column_scores(q, k, **kwargs)
+        warn_once(f"kvfx: prompt attention scores run the torch reference ({reason})")
+    return attention_column_scores_reference(q, k, **kwargs)
+
+
+def _scored_decode(q, k, v, bias, **kwargs) -> tuple[Tensor, Tensor]:
+    """Decode attention over the slots with each slot's score: the Triton kernel on CUDA, else the reference."""
+    if q.is_cuda:
+        reason = scored_decode_supports(q, k, v)
+        if reason is None:
+            return scored_decode_attention(q, k, v, bias, **kwargs)
+        warn_once(f"kvfx: decode attention with scores runs the torch reference ({reason})")
+    return scored_decode_attention_reference(q, k, v, bias, **kwargs)
