@@ -31,6 +31,7 @@ def run_side_by_side(configs, *, batch=2, q_heads=4, kv_heads=2, head_dim=16, pr
     q = torch.randn(batch, q_heads, total, head_dim, generator=gen)
     k = torch.randn(batch, kv_heads, total, head_dim, generator=gen)
     v = torch.randn(batch, kv_heads, total, head_dim, generator=gen)
+    q, k, v = (x.to(dtype).float() for x in (q, k, v))  # both sides see the same (rounded) inputs
     real = torch.ones(batch, total, dtype=torch.bool)
     for row, pad in enumerate(pads[:batch]):
         real[row, :pad] = False
