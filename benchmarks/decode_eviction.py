@@ -9,6 +9,9 @@ Paths timed per budget:
   kvfx_decode_store    kvfx decode_attention over the store (no scores), for the cost of scoring
   kvfx_scored          scored_decode_attention over the store (H2O scores)
   kvfx_scored_gumbel   the same with Keyformer's Gumbel-softmax scores
+  kvfx_step_h2o        the whole per-layer decode step kvfx runs for H2O (EvictingLayerCache.decode: write the new
+                       token into a free slot, build the slots' bias, scored attention, accumulate, evict one slot)
+  kvfx_step_keyformer  the same for Keyformer (Gumbel scores)
 The store's bias is 0 with a few -inf slots (empty slots).  Times are CUDA-event medians of single calls after
 warm-up (which also runs the kernels' autotuning), the L2 cache flushed before each call.
 Writes benchmarks/results/decode_eviction_<gpu-name-slug>.json.
@@ -109,10 +112,38 @@ def bench_budget(q, k_full, v_full, budget: float, *, warmup: int, reps: int, fl
         "kvfx_scored": _time_ms(scored, warmup, reps, flush),
         "kvfx_scored_gumbel": _time_ms(scored_gumbel, warmup, reps, flush),
     }
+    for method in ("h2o", "keyformer"):
+        cache = _filled_cache(method, k, v, T)
+        k_new, v_new = k[:, :, :1].clone(), v[:, :, :1].clone()
+        ms[f"kvfx_step_{method}"] = _time_ms(
+            lambda: cache.decode(q[:, :, None], k_new, v_new, None, scale=scale, softcap=0.0), warmup, reps, flush)
+        del cache
     del k, v
     torch.cuda.empty_cache()
     return dict(budget=budget, slots=S, store_bytes=store_bytes, ms=ms, first_call_s=first_call_s, rel_err=errors,
                 store_tb_per_s={n: store_bytes / (t * 1e-3) / 1e12 for n, t in ms.items()})
+
+
+def _filled_cache(method: str, k, v, prompt: int):
+    """An EvictingLayerCache in the state a ``prompt``-token prefill would leave: every slot but the spare live."""
+    from kvfx.eviction import make_policy
+    from kvfx.eviction.slot_cache import EvictingLayerCache
+    from kvfx.spec import EvictH2O, EvictKeyformer
+
+    config = {"h2o": EvictH2O, "keyformer": EvictKeyformer}[method](budget=k.shape[2] - 1, recent=0.5)
+    B, H, S, _ = k.shape
+    cache = EvictingLayerCache(0, [make_policy(config)] * H)
+    cache.k, cache.v = k.clone(), v.clone()
+    positions = torch.randperm(prompt - S, device=k.device)[: S - 1].sort().values
+    cache.pos = torch.cat([positions, torch.arange(prompt - S, prompt, device=k.device)[-1:]]).expand(B, H, S).clone()
+    cache.pos[:, :, -1] = -1  # the spare slot
+    cache.score = torch.rand(B, H, S, device=k.device)
+    cache.live = torch.full((B, H), S - 1, device=k.device, dtype=torch.long)
+    cache.budget = torch.full((B, H), S - 1, device=k.device, dtype=torch.long)
+    cache.recent = cache.budget // 2
+    cache.first_valid = torch.zeros(B, device=k.device, dtype=torch.long)
+    cache.seen = cache.prompt_end = prompt
+    return cache
 
 
 def main(argv=None):
