@@ -134,9 +134,8 @@ def _filled_cache(method: str, k, v, prompt: int):
     B, H, S, _ = k.shape
     cache = EvictingLayerCache(0, [make_policy(config)] * H)
     cache.k, cache.v = k.clone(), v.clone()
-    positions = torch.randperm(prompt - S, device=k.device)[: S - 1].sort().values
-    cache.pos = torch.cat([positions, torch.arange(prompt - S, prompt, device=k.device)[-1:]]).expand(B, H, S).clone()
-    cache.pos[:, :, -1] = -1  # the spare slot
+    positions = torch.randperm(prompt, device=k.device)[: S - 1].sort().values
+    cache.pos = torch.cat([positions, positions.new_full((1,), -1)]).expand(B, H, S).clone()  # the last: the spare
     cache.score = torch.rand(B, H, S, device=k.device)
     cache.live = torch.full((B, H), S - 1, device=k.device, dtype=torch.long)
     cache.budget = torch.full((B, H), S - 1, device=k.device, dtype=torch.long)

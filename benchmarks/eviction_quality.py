@@ -21,6 +21,7 @@ failed with an error other than "not implemented".
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import sys
 import time
@@ -60,6 +61,11 @@ def main(argv=None) -> int:
     parser.add_argument("--budgets", nargs="+", type=float, default=list(BUDGETS),
                         help="KV budgets, fractions of the prompt (default: %(default)s)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument("--compiler", choices=["inductor", "aot_eager"], default=None,
+                        help="what compiles the rewritten graphs (default: inductor on CUDA, aot_eager on CPU)")
+    parser.add_argument("--append", action="store_true",
+                        help="keep the rows of an existing results file that this run does not redo (a sweep in parts)")
+    parser.add_argument("--plot-only", action="store_true", help="only redraw the Markdown table and plot from the JSON")
     parser.add_argument("--quick", action="store_true", help="tiny sizes (128+32 tokens, 256-token passkeys)")
     parser.add_argument("--identity", action="store_true",
                         help="also measure kvfx's identity spec (full cache through the compiled graph)")
@@ -83,29 +89,55 @@ def main(argv=None) -> int:
     if args.identity:
         specs = {"full": None, "kvfx-identity": {"version": 1}, **{k: v for k, v in specs.items() if k != "full"}}
 
-    started = time.perf_counter()
-    rows = evaluate_specs(model, specs, text, device=device, seed=args.seed, ppl_windows=args.ppl_windows, **sizes)
-    compiler = "inductor" if device == "cuda" else "aot_eager"
-    meta = {
-        "model": model.name, "text": text.name, "device": torch.cuda.get_device_name() if device == "cuda" else
-        f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
-        "dtype": "bfloat16" if device == "cuda" else "float32", "compiler": compiler,
-        "torch": torch.__version__, "prompt_tokens": sizes["prompt_tokens"],
-        "continuation_tokens": sizes["continuation_tokens"], "ppl_windows": args.ppl_windows,
-        "passkey_length": sizes["passkey_length"],
-        "depths": list(sizes["depths"]), "seed": args.seed, "seconds": round(time.perf_counter() - started, 1),
-        "command": "python benchmarks/eviction_quality.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-    }
     stem = args.name + ("_quick" if args.quick else "")
-    json_path, md_path = write_table(rows, results_path(f"{stem}.json"), results_path(f"{stem}.md"), meta)
-    png_path = plot_quality(rows, results_path(f"{stem}.png"),
-                            title=f"{meta['model']} on {meta['text']}, {meta['device']}, {meta['dtype']}")
-    print(md_path.read_text())
-    print(f"wrote {json_path}, {md_path}, {png_path}")
+    json_file = results_path(f"{stem}.json")
+    if args.plot_only:
+        saved = json.loads(json_file.read_text())
+        return _write(saved["rows"], saved["meta"], stem)
+    earlier = []
+    if args.append and json_file.exists():
+        earlier = [row for row in json.loads(json_file.read_text())["rows"] if row["name"] not in specs]
+    started = time.perf_counter()
+    compiler = args.compiler or ("inductor" if device == "cuda" else "aot_eager")
+
+    def save(done):
+        write_table(earlier + done, json_file, results_path(f"{stem}.md"), meta(done))
+
+    def meta(done):
+        return {
+            "model": model.name, "text": text.name,
+            "device": torch.cuda.get_device_name() if device == "cuda" else
+            f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+            "dtype": "bfloat16" if device == "cuda" else "float32", "compiler": compiler,
+            "torch": torch.__version__, "prompt_tokens": sizes["prompt_tokens"],
+            "continuation_tokens": sizes["continuation_tokens"], "ppl_windows": args.ppl_windows,
+            "passkey_length": sizes["passkey_length"], "depths": list(sizes["depths"]), "seed": args.seed,
+            "seconds": round(time.perf_counter() - started, 1),
+            "command": "python benchmarks/eviction_quality.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        }
+
+    rows = evaluate_specs(model, specs, text, device=device, seed=args.seed, ppl_windows=args.ppl_windows,
+                          compiler=compiler, on_row=save, **sizes)
+    status = _write(earlier + rows, meta(rows), stem)
     errors = [row["name"] for row in rows if row["status"] == "error"]
     if errors:
         print(f"failed: {', '.join(errors)}", file=sys.stderr)
-    return 1 if errors else 0
+    return 1 if errors else status
+
+
+def _write(rows, meta, stem) -> int:
+    """The JSON, the Markdown table and (where matplotlib is installed) the plot."""
+    json_path, md_path = write_table(rows, results_path(f"{stem}.json"), results_path(f"{stem}.md"), meta)
+    print(md_path.read_text())
+    try:
+        png_path = plot_quality(rows, results_path(f"{stem}.png"),
+                                title=f"{meta['model']} on {meta['text']}, {meta['device']}, {meta['dtype']}")
+    except ImportError as error:
+        print(f"no plot ({error}); redraw it where matplotlib is installed: "
+              f"python benchmarks/eviction_quality.py --plot-only", file=sys.stderr)
+        png_path = None
+    print(f"wrote {json_path}, {md_path}, {png_path}")
+    return 0
 
 
 if __name__ == "__main__":

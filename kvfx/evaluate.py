@@ -256,7 +256,7 @@ def evaluate_specs(model_path: str | Path, specs: Mapping[str, Any], text_path: 
                    prompt_tokens: int = 1024, continuation_tokens: int = 1024, ppl_windows: int = 1,
                    passkey_length: int = 2048, depths: Sequence[float] = DEFAULT_DEPTHS, seed: int = 0,
                    max_new_tokens: int = 6, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-                   compiler: str | None = None, progress: bool = True, model=None, tokenizer=None,
+                   compiler: str | None = None, progress: bool = True, on_row: Callable[[list], None] | None = None, model=None, tokenizer=None,
                    ) -> list[dict[str, Any]]:
     """Perplexity and passkey retrieval of one model under each spec; one row per spec, in order.
 
@@ -322,6 +322,8 @@ def evaluate_specs(model_path: str | Path, specs: Mapping[str, Any], text_path: 
             if row["status"] == "ok":
                 bar.set_postfix(ppl=f"{row['ppl']:.3f}", passkey=row["passkey_accuracy"])
             rows.append(row)
+            if on_row is not None:  # e.g. save what is done, so a sweep cut short keeps its finished rows
+                on_row(rows)
     finally:
         bar.close()
     return rows

@@ -54,7 +54,9 @@ class EvictingLayerCache:
             else:
                 self.groups.append((policy, [head]))
         self.num_heads = len(policies)
-        self.unbounded = len(policies) > sum(len(heads) for _, heads in self.groups)
+        # Index the heads of a group by a slice when it rules them all: views, not gathers, on the decode path.
+        self.groups = [(policy, slice(None) if len(heads) == len(policies) else heads) for policy, heads in self.groups]
+        self.unbounded = any(policy is None for policy in policies)
         kinds = {policy.scores for policy, _ in self.groups if policy.scores}
         gumbels = {policy.config for policy, _ in self.groups if policy.scores == "gumbel"}
         if len(kinds) > 1 or len(gumbels) > 1:
@@ -248,8 +250,8 @@ class EvictingLayerCache:
         self.pos = torch.cat([self.pos, self.pos.new_full((b, h, extra), -1)], dim=2)
         self.score = torch.cat([self.score, self.score.new_zeros(b, h, extra)], dim=2)
 
-    def _context(self, policy: EvictionPolicy, heads: list[int]) -> EvictionContext:
-        head = heads[0] if heads else 0
+    def _context(self, policy: EvictionPolicy, heads) -> EvictionContext:
+        head = heads[0] if isinstance(heads, list) and heads else 0
         return EvictionContext(layer=self.layer, prompt_end=self.prompt_end, seen=self.seen,
                                first_valid=self.first_valid, budget=self.budget[:, head],
                                recent=self.recent[:, head])
