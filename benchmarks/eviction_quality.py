@@ -63,6 +63,7 @@ def main(argv=None) -> int:
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--compiler", choices=["inductor", "aot_eager"], default=None,
                         help="what compiles the rewritten graphs (default: inductor on CUDA, aot_eager on CPU)")
+    parser.add_argument("--no-full", action="store_true", help="leave out the full-cache baseline (with --append)")
     parser.add_argument("--append", action="store_true",
                         help="keep the rows of an existing results file that this run does not redo (a sweep in parts)")
     parser.add_argument("--plot-only", action="store_true", help="only redraw the Markdown table and plot from the JSON")
@@ -86,6 +87,8 @@ def main(argv=None) -> int:
     model = Path(args.model) if args.model else asset("codelm-27m")
     text = Path(args.text) if args.text else asset("text", "heldout-code.txt")
     specs = build_specs(args.policies, args.budgets, args.quick)
+    if args.no_full:
+        del specs["full"]
     if args.identity:
         specs = {"full": None, "kvfx-identity": {"version": 1}, **{k: v for k, v in specs.items() if k != "full"}}
 
