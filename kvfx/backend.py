@@ -23,8 +23,8 @@ from torch._dynamo.utils import counters
 from torch.fx import GraphModule
 
 import kvfx.ops  # noqa: F401  (registers the kvfx custom ops the rewritten graphs call)
-from kvfx.passes.rewrite import RewriteReport, find_attention_sites, kv_heads, rewrite_attention
-from kvfx.plans import check_implemented, register_plan
+from kvfx.passes.rewrite import RewriteReport, find_attention_sites, kv_heads, prompt_length, rewrite_attention
+from kvfx.plans import check_implemented, check_prompt_budgets, plan, register_plan
 from kvfx.spec import Spec
 
 COMPILERS = ("inductor", "aot_eager", "eager")
@@ -65,6 +65,9 @@ def rewrite_graph(gm: GraphModule, spec: Spec) -> RewriteReport:
     check_implemented(spec)
     sites = find_attention_sites(gm.graph)
     plan_id = register_plan(spec, len(sites), kv_heads(sites)) if sites else -1
+    tokens = prompt_length(sites)
+    if plan_id >= 0 and tokens is not None:  # a prefill graph of a known length: budgets can be checked now
+        check_prompt_budgets(plan(plan_id), tokens)
     report = rewrite_attention(gm, sites, plan_id)
     counters["kvfx"]["attention_rewritten"] += len(report.rewritten)
     counters["kvfx"]["attention_unsupported"] += len(report.unsupported)

@@ -29,6 +29,19 @@ def check_implemented(spec: Spec) -> None:
                                 "but not implemented yet (implemented: original)")
 
 
+def check_prompt_budgets(resolved: Plan, prompt_tokens: int) -> None:
+    """Raise a SpecError if a token-count budget cannot be met by a prompt of ``prompt_tokens`` tokens."""
+    for layer, row in enumerate(resolved.policies):
+        for head, policy in enumerate(row):
+            budget = getattr(policy.evict, "budget", None)
+            if isinstance(budget, int) and budget > prompt_tokens:
+                raise SpecError(
+                    f"{resolved.source or '<spec>'}: layer {layer}, KV head {head}: evict.budget {budget} tokens is "
+                    f"larger than the {prompt_tokens}-token prompt this graph was compiled for: nothing would be "
+                    "evicted; use a smaller budget or a fraction of the prompt"
+                )
+
+
 def register_plan(spec: Spec, num_layers: int, num_kv_heads: int) -> int:
     """Resolve ``spec`` for a model's attention layers and KV heads; returns the plan's id."""
     _PLANS.append(spec.resolve(num_layers, num_kv_heads))

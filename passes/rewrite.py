@@ -83,6 +83,17 @@ def kv_heads(sites: list[AttentionMatch | Unsupported]) -> int:
     return 1
 
 
+def prompt_length(sites: list[AttentionMatch | Unsupported]) -> int | None:
+    """The static number of new tokens of a graph that starts from an empty cache (a prefill), else None."""
+    for found in sites:
+        if isinstance(found, AttentionMatch):
+            read = trace_cache_read(found.key)
+            if isinstance(read, CacheRead) and not read.continuing:
+                tokens = (shape(read.new) or (None,) * 3)[2]
+                return tokens if isinstance(tokens, int) else None
+    return None
+
+
 def rewrite_attention(gm: GraphModule, sites: list[AttentionMatch | Unsupported], plan_id: int) -> RewriteReport:
     """Rewrite the attention ``sites`` of ``gm`` (from :func:`find_attention_sites`) into kvfx ops, in place."""
     graph = gm.graph

@@ -101,3 +101,11 @@ def test_families_outside_the_attention_interface(family, implementation):
             state = kvfx.REGISTRY.states()[-1]
             for cache in state.layers.values():
                 assert cache.live.tolist() == [[6] * cache.live.shape[1], [4] * cache.live.shape[1]], policy
+
+
+def test_a_token_budget_larger_than_the_prompt_fails_at_compile_time():
+    model = compiled("llama", "sdpa", {"version": 1, "default": {"evict": {"method": "h2o", "budget": 64}}})
+    ids, mask = left_padded_batch([12, 9], seed=1)
+    with pytest.raises(Exception, match="layer 0, KV head 0: evict.budget 64 tokens is larger than the 12-token "
+                                        "prompt this graph was compiled for"):
+        generate(model, ids, mask, 2)
