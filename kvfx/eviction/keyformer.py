@@ -15,18 +15,15 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from kvfx.eviction.base import EvictionContext, EvictionPolicy, protect_recent, recent_tokens
+from kvfx.eviction.base import EvictionContext
+from kvfx.eviction.h2o import H2O
 from kvfx.kernels.scored_decode_attention import GumbelScores
 
 
-class Keyformer(EvictionPolicy):
+class Keyformer(H2O):
+    """H2O's selection (recent window + top scores) over Gumbel-softmax scores."""
+
     scores = "gumbel"
-
-    def recent(self, budget: Tensor) -> Tensor:
-        return recent_tokens(self.config.recent, budget)
-
-    def priority(self, pos: Tensor, score: Tensor, ctx: EvictionContext) -> Tensor:
-        return protect_recent(pos, score, ctx)
 
     def prompt_scores(self, column_scores, q: Tensor, k: Tensor, ctx: EvictionContext) -> Tensor:
         return column_scores(q, self.gumbel(ctx))
