@@ -24,8 +24,8 @@ from torch.fx import GraphModule
 
 import kvfx.ops  # noqa: F401  (registers the kvfx custom ops the rewritten graphs call)
 from kvfx.passes.rewrite import RewriteReport, find_attention_sites, kv_heads, prompt_length, rewrite_attention
-from kvfx.plans import check_implemented, check_prompt_budgets, plan, register_plan
-from kvfx.spec import Spec
+from kvfx.plans import check_implemented, check_prompt_budgets, compact_layers, plan, register_plan
+from kvfx.spec import Spec, SpecError
 
 COMPILERS = ("inductor", "aot_eager", "eager")
 REPORTS: list[RewriteReport] = []  # one per compiled graph, newest last (for tests and tools)
@@ -68,7 +68,13 @@ def rewrite_graph(gm: GraphModule, spec: Spec) -> RewriteReport:
     tokens = prompt_length(sites)
     if plan_id >= 0 and tokens is not None:  # a prefill graph of a known length: budgets can be checked now
         check_prompt_budgets(plan(plan_id), tokens)
-    report = rewrite_attention(gm, sites, plan_id)
+    rope_layers = compact_layers(plan(plan_id)) if plan_id >= 0 else frozenset()
+    report = rewrite_attention(gm, sites, plan_id, rope_layers)
+    missing = [site.layer for site in report.rewritten if site.rope_missing]
+    if missing:
+        raise SpecError(f"{spec.source or '<spec>'}: evict.positions: 'compact' re-rotates kept keys, which "
+                        "needs full-width rotate-half RoPE on the keys (Llama, Mistral, Qwen, Gemma); attention "
+                        f"layers {missing} of this model have none kvfx recognises")
     counters["kvfx"]["attention_rewritten"] += len(report.rewritten)
     counters["kvfx"]["attention_unsupported"] += len(report.unsupported)
     for site in report.unsupported:

@@ -49,6 +49,7 @@ def attention(
     keep_last: int,  # > 0: a sliding-window layer that keeps only its last keep_last tokens
     continuing: bool,  # the graph received a past cache (decode), rather than starting from an empty one
     eager_math: bool,  # the model used eager attention: reproduce its arithmetic on the reference path
+    rope_inv_freq: Optional[Tensor],  # [D/2] the keys' RoPE frequencies, where the plan re-rotates kept keys
 ) -> Tensor:  # [B, Hq, Tq, Dv]
     cache = _layer_cache(REGISTRY.lookup(handle), layer, keep_last)
     if mask is not None:
@@ -61,7 +62,8 @@ def attention(
             "which kvfx cannot follow"
         )
     if isinstance(cache, EvictingLayerCache):
-        return _attend_evicting(cache, q, k_new, v_new, mask, scale, softcap, is_causal, continuing, eager_math)
+        return _attend_evicting(cache, q, k_new, v_new, mask, scale, softcap, is_causal, continuing, eager_math,
+                                rope_inv_freq)
     cache.append(k_new, v_new)
     keys, values = cache.keys(), cache.values()  # [B, Hkv, T, D] views of kvfx's storage
     if mask is not None and mask.shape[-1] != keys.shape[-2]:
@@ -75,7 +77,7 @@ def attention(
 
 @attention.register_fake
 def _attention_fake(q, k_new, v_new, handle, mask, layer, scale, softcap, is_causal, keep_last, continuing,
-                    eager_math):
+                    eager_math, rope_inv_freq):
     return q.new_empty(*q.shape[:-1], v_new.shape[-1])
 
 
@@ -106,7 +108,7 @@ def _layer_cache(state: SequenceState, layer: int, keep_last: int):
 
 
 def _attend_evicting(cache: EvictingLayerCache, q, k_new, v_new, mask, scale, softcap, is_causal, continuing,
-                     eager_math):
+                     eager_math, rope_inv_freq):
     if not continuing:  # the prompt: ordinary attention over all of it, then keep the policy's budget
         out = _attend(q, k_new, v_new, mask, scale, softcap, is_causal, eager_math)
         cache.compress_prompt(q, k_new, v_new, mask, scale=scale, softcap=softcap, is_causal=is_causal)
@@ -116,7 +118,7 @@ def _attend_evicting(cache: EvictingLayerCache, q, k_new, v_new, mask, scale, so
             f"layer {cache.layer}: {q.shape[2]} new tokens in one step after the prompt; eviction policies take one "
             "token per decode step (chunked prefill, assisted and speculative decoding are not supported)"
         )
-    return cache.decode(q, k_new, v_new, mask, scale=scale, softcap=softcap).contiguous()
+    return cache.decode(q, k_new, v_new, mask, scale=scale, softcap=softcap, inv_freq=rope_inv_freq).contiguous()
 
 
 def _attend(q, keys, values, mask, scale, softcap, is_causal, eager_math):

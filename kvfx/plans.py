@@ -24,9 +24,7 @@ def check_implemented(spec: Spec) -> None:
                     f"{spec.source or '<spec>'}: {where}.{part}.method: {rule.method!r} is valid but not "
                     f"implemented yet (implemented: {', '.join(sorted(IMPLEMENTED[part]))})"
                 )
-            if rule is not None and getattr(rule, "positions", "original") != "original":
-                raise SpecError(f"{spec.source or '<spec>'}: {where}.{part}.positions: {rule.positions!r} is valid "
-                                "but not implemented yet (implemented: original)")
+
 
 
 def check_prompt_budgets(resolved: Plan, prompt_tokens: int) -> None:
@@ -40,6 +38,12 @@ def check_prompt_budgets(resolved: Plan, prompt_tokens: int) -> None:
                     f"larger than the {prompt_tokens}-token prompt this graph was compiled for: nothing would be "
                     "evicted; use a smaller budget or a fraction of the prompt"
                 )
+
+
+def compact_layers(resolved: Plan) -> frozenset[int]:
+    """The layers with a KV head whose policy re-rotates kept keys to cache positions (``positions: compact``)."""
+    return frozenset(layer for layer, row in enumerate(resolved.policies)
+                     if any(getattr(p.evict, "positions", "original") == "compact" for p in row))
 
 
 def register_plan(spec: Spec, num_layers: int, num_kv_heads: int) -> int:

@@ -22,6 +22,7 @@ _FUNCTION_NAMES = {
     torch.div: "truediv", operator.truediv: "truediv", operator.itruediv: "truediv", torch.Tensor.div: "truediv",
     torch.add: "add", operator.add: "add", operator.iadd: "add", torch.Tensor.add: "add",
     torch.tanh: "tanh", torch.Tensor.tanh: "tanh",
+    operator.neg: "neg", torch.neg: "neg", torch.Tensor.neg: "neg",
     torch.nn.functional.dropout: "dropout", torch.dropout: "dropout",
     torch.nn.functional.scaled_dot_product_attention: "sdpa",
     operator.getitem: "getitem",

@@ -20,6 +20,7 @@ from torch.fx import Graph, GraphModule, Node
 from kvfx.passes.attention_patterns import ATTENTION_PATTERNS, AttentionMatch, Unsupported
 from kvfx.passes.cache_update import CacheRead, find_cache_updates, trace_cache_read
 from kvfx.passes.graph_utils import example, is_op, normalize_dim, shape
+from kvfx.passes.rope import find_rope
 
 
 @dataclass
@@ -29,6 +30,7 @@ class Site:
     reason: str | None = None  # why it was left unchanged; None if rewritten
     heads: tuple[int, int] | None = None  # (query heads, KV heads)
     cats: tuple[Node, ...] = ()  # the cache updates the rewrite made dead
+    rope_missing: bool = False  # the plan re-rotates this layer's keys, but no RoPE was found on them
 
 
 @dataclass
@@ -94,8 +96,11 @@ def prompt_length(sites: list[AttentionMatch | Unsupported]) -> int | None:
     return None
 
 
-def rewrite_attention(gm: GraphModule, sites: list[AttentionMatch | Unsupported], plan_id: int) -> RewriteReport:
-    """Rewrite the attention ``sites`` of ``gm`` (from :func:`find_attention_sites`) into kvfx ops, in place."""
+def rewrite_attention(gm: GraphModule, sites: list[AttentionMatch | Unsupported], plan_id: int,
+                      rope_layers: frozenset[int] = frozenset()) -> RewriteReport:
+    """Rewrite the attention ``sites`` of ``gm`` (from :func:`find_attention_sites`) into kvfx ops, in place.
+
+    Layers in ``rope_layers`` get their keys' RoPE inverse frequencies as an op input (to re-rotate kept keys)."""
     graph = gm.graph
     report = RewriteReport()
     output = next(n for n in graph.nodes if n.op == "output")
@@ -117,7 +122,9 @@ def rewrite_attention(gm: GraphModule, sites: list[AttentionMatch | Unsupported]
             with graph.inserting_after(keys.new):  # before this layer's cache update and everything using it
                 handle = graph.call_function(torch.ops.kvfx.begin_sequence.default, (keys.new, plan_id))
         site_handle = keys.past if keys.continuing else handle
-        _replace_attention(graph, found, keys, values, site_handle, layer, keep_last)
+        rope = find_rope(keys.new) if layer in rope_layers else None
+        site.rope_missing = layer in rope_layers and rope is None
+        _replace_attention(graph, found, keys, values, site_handle, layer, keep_last, rope and rope.inv_freq)
         _replace_cache_outputs(graph, output, keys, site_handle)
         _replace_cache_outputs(graph, output, values, values.past if values.continuing else handle)
     graph.eliminate_dead_code()
@@ -208,7 +215,8 @@ def _keep_last_slice(user: Node, output: Node) -> int | None:
     return -window.start
 
 
-def _replace_attention(graph, found: AttentionMatch, keys: CacheRead, values: CacheRead, handle, layer, keep_last):
+def _replace_attention(graph, found: AttentionMatch, keys: CacheRead, values: CacheRead, handle, layer, keep_last,
+                       inv_freq: Node | None):
     out_value = example(found.output)
     with graph.inserting_before(found.output):
         mask = found.bool_mask
@@ -221,7 +229,7 @@ def _replace_attention(graph, found: AttentionMatch, keys: CacheRead, values: Ca
         attention = graph.call_function(
             torch.ops.kvfx.attention.default,
             (found.query, keys.new, values.new, handle, mask, layer, found.scale, found.softcap,
-             found.is_causal, keep_last, keys.continuing, found.kind == "eager"),
+             found.is_causal, keep_last, keys.continuing, found.kind == "eager", inv_freq),
         )
         result = attention
         query_value = example(found.query)

@@ -23,7 +23,7 @@ def alibi(heads: int, length: int) -> torch.Tensor:
 
 def run_side_by_side(configs, *, batch=2, q_heads=4, kv_heads=2, head_dim=16, prompt=24, steps=12, pads=(0, 3),
                      mask_kind="bool", window=0, softcap=0.0, seed=0, device="cpu", dtype=torch.float32,
-                     atol=1e-5, rtol=1e-5, layer=0):
+                     atol=1e-5, rtol=1e-5, layer=0, inv_freq=None):
     """Drive both implementations through a prompt and ``steps`` decode steps; assert equal outputs and kept
     sets after every step. Returns the fast cache. ``window`` > 0 adds a sliding-window mask."""
     gen = torch.Generator().manual_seed(seed)
@@ -53,7 +53,7 @@ def run_side_by_side(configs, *, batch=2, q_heads=4, kv_heads=2, head_dim=16, pr
         return x.to(device=device, dtype=dtype)
 
     fast = EvictingLayerCache(layer, [make_policy(c) for c in configs], keep_last=window)
-    reference = FaithfulAttention(layer, configs)
+    reference = FaithfulAttention(layer, configs, inv_freq=inv_freq)
     scale = 1 / math.sqrt(head_dim)
     m = mask(0, prompt)
     fast_out = prefill_attention(on(q[:, :, :prompt]), on(k[:, :, :prompt]), on(v[:, :, :prompt]), mask=m.to(device),
@@ -69,7 +69,7 @@ def run_side_by_side(configs, *, batch=2, q_heads=4, kv_heads=2, head_dim=16, pr
         m = mask(t, t + 1)
         first = max(0, t + 1 - window) if window else 0  # a sliding-window cache holds only the window
         out = fast.decode(on(q[:, :, t:t + 1]), on(k[:, :, t:t + 1]), on(v[:, :, t:t + 1]), m.to(device),
-                          scale=scale, softcap=softcap)
+                          scale=scale, softcap=softcap, inv_freq=None if inv_freq is None else inv_freq.to(device))
         expected = reference(q[:, :, t:t + 1], k[:, :, first:t + 1], v[:, :, first:t + 1], m[..., first:],
                              scale=scale, softcap=softcap)
         torch.testing.assert_close(out.float().cpu(), expected, atol=atol, rtol=rtol,

@@ -25,9 +25,11 @@ POLICIES = {
     "h2o": {"method": "h2o", "budget": 0.5, "recent": 0.5},
     "keyformer": {"method": "keyformer", "budget": 0.5, "recent": 0.3, "seed": 7, "max_new_tokens": 8},
     "snapkv": {"method": "snapkv", "budget": 0.6, "window": 3, "pool": 3},
+    "window_compact": {"method": "window", "sink": 2, "budget": 0.5, "positions": "compact"},
 }
 FAITHFUL = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "phi3", "gpt2", "gpt_neox", "opt"]
-CASES = [("llama", "sdpa", p) for p in POLICIES] + [("llama", "eager", "keyformer"), ("gemma2", "eager", "h2o")]
+CASES = [("llama", "sdpa", p) for p in POLICIES] + [("llama", "eager", "keyformer"), ("gemma2", "eager", "h2o"),
+                                                    ("qwen3", "eager", "window_compact")]
 CASES += [(f, "sdpa", list(POLICIES)[i % 4]) for i, f in enumerate(FAITHFUL) if f != "llama"]
 NEW_TOKENS = 10
 
@@ -65,7 +67,9 @@ def test_compiled_eviction_equals_faithful_transformers(family, implementation, 
     reference = tiny_model(family, implementation)
     num_layers = reference.config.num_hidden_layers
     plan = spec.resolve(num_layers, kv_heads(reference.config))
-    layers = {i: FaithfulAttention(i, [p.evict for p in plan.layer_policies(i)]) for i in range(num_layers)}
+    inv_freq = reference.model.rotary_emb.inv_freq if policy == "window_compact" else None
+    layers = {i: FaithfulAttention(i, [p.evict for p in plan.layer_policies(i)], inv_freq=inv_freq)
+              for i in range(num_layers)}
     reference.config._attn_implementation = register_faithful_attention(layers)
     ids, mask = left_padded_batch([12, 9], seed=1)
     with torch.no_grad():
@@ -108,4 +112,12 @@ def test_a_token_budget_larger_than_the_prompt_fails_at_compile_time():
     ids, mask = left_padded_batch([12, 9], seed=1)
     with pytest.raises(Exception, match="layer 0, KV head 0: evict.budget 64 tokens is larger than the 12-token "
                                         "prompt this graph was compiled for"):
+        generate(model, ids, mask, 2)
+
+
+def test_compact_positions_need_rope_and_say_so_at_compile_time():
+    model = compiled("gpt2", "sdpa", {"version": 1, "default": {"evict": POLICIES["window_compact"]}})
+    ids, mask = left_padded_batch([12, 9], seed=1)
+    with pytest.raises(Exception, match=r"evict.positions: 'compact' re-rotates kept keys, which needs full-width "
+                                        r"rotate-half RoPE on the keys .*attention layers \[0, 1\] of this model"):
         generate(model, ids, mask, 2)

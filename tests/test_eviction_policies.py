@@ -62,6 +62,33 @@ def test_sliding_window_layers(config):
     run_side_by_side([config] * 2, prompt=24, steps=12, window=10, pads=(0, 2))
 
 
+@pytest.mark.parametrize("heads", [(4, 2), (4, 1)])
+@pytest.mark.parametrize("pads", [(0, 0), (0, 3)])
+def test_window_with_compact_positions(heads, pads):
+    """StreamingLLM's positions within the cache: kept keys and the query re-rotated as if the kept tokens sat at
+    0, 1, ...; one KV head compact and one not when there are two, to check they do not mix."""
+    q_heads, kv_heads = heads
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, 16, 2).float() / 16))
+    compact = EvictWindow(sink=2, budget=8, positions="compact")
+    configs = [compact, EvictWindow(sink=2, budget=8)][:kv_heads]
+    run_side_by_side(configs, q_heads=q_heads, kv_heads=kv_heads, prompt=20, steps=12, pads=pads, inv_freq=inv_freq,
+                     atol=2e-5, rtol=2e-5)
+
+
+def test_compact_positions_change_the_output(monkeypatch):
+    """Against a reference that keeps the original positions, the compact fast path must differ (else the test
+    above could not fail)."""
+    import eviction_cases
+    from kvfx.eviction.faithful import FaithfulAttention
+
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, 16, 2).float() / 16))
+    monkeypatch.setattr(eviction_cases, "FaithfulAttention", lambda layer, configs, inv_freq=None: FaithfulAttention(
+        layer, [EvictWindow(sink=2, budget=8)] * len(configs)))
+    with pytest.raises(AssertionError, match="decode step 0"):
+        run_side_by_side([EvictWindow(sink=2, budget=8, positions="compact")] * 2, prompt=20, steps=3,
+                         inv_freq=inv_freq)
+
+
 @pytest.mark.parametrize("config", [EvictH2O(budget=0.5), EvictKeyformer(budget=0.5)])
 def test_softcapped_logits(config):
     run_side_by_side([config] * 2, prompt=20, steps=6, softcap=5.0)

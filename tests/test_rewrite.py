@@ -100,14 +100,6 @@ def test_unimplemented_method_is_rejected_at_compile_time():
         fn(torch.ones(2))
 
 
-def test_unimplemented_compact_positions_are_rejected_at_compile_time():
-    torch._dynamo.reset()
-    spec = {"version": 1, "default": {"evict": {"method": "window", "budget": 8, "positions": "compact"}}}
-    fn = torch.compile(lambda x: x + 1, backend="kvfx", options={"spec": spec})
-    with pytest.raises(Exception, match=r"default.evict.positions: 'compact' is valid but not implemented yet"):
-        fn(torch.ones(2))
-
-
 def test_bad_compiler_option_is_rejected():
     torch._dynamo.reset()
     fn = torch.compile(lambda x: x + 1, backend="kvfx", options={"compiler": "tvm"})

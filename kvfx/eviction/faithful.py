@@ -30,9 +30,10 @@ def _recent(recent, budget: int) -> int:
 class FaithfulAttention:
     """One layer, policies per KV head (spec ``evict`` configs; ``method: none`` keeps everything)."""
 
-    def __init__(self, layer: int, configs):
+    def __init__(self, layer: int, configs, inv_freq: Tensor | None = None):
         self.layer = layer
         self.configs = list(configs)
+        self.inv_freq = inv_freq  # RoPE frequencies, for StreamingLLM's compact positions
         self.kept: list[list[set[int]]] | None = None  # [row][kv head] -> kept cache positions
         self.scores: Tensor | None = None  # [B, Hkv, T] accumulated score per position (0 once evicted)
         self.seen = 0
@@ -76,6 +77,9 @@ class FaithfulAttention:
                     self.kept[row][head].add(self.seen - 1)
                     columns = [p - offset for p in self.kept[row][head] if p >= offset]
                     allowed[row, head * group:(head + 1) * group, :, columns] = True
+                    if getattr(self.configs[head], "positions", "original") == "compact":
+                        logits[row, head * group:(head + 1) * group] = self._compact_logits(
+                            row, head, q, k, mask, scale, softcap, offset, group)
             logits = logits.masked_fill(~allowed, float("-inf"))
             probs = _softmax(logits)
             for row in range(b):
@@ -165,6 +169,24 @@ class FaithfulAttention:
 
     # ---- helpers ----------------------------------------------------------------------------------
 
+    def _compact_logits(self, row, head, q, k, mask, scale, softcap, offset, group) -> Tensor:
+        """StreamingLLM's positions within the cache: the kept tokens, in order, at positions 0, 1, ..., the new
+        token last; keys and query are turned from the positions the model gave them (cache position - padding)
+        to those, as complex numbers (pair i is x[i] + 1j x[i + D/2])."""
+        kept = sorted(self.kept[row][head])
+        pad = self.first_valid[row]
+        keys = k[row, head].float().clone()  # [Tk, D]
+        for rank, position in enumerate(kept):
+            if position >= offset:
+                keys[position - offset] = _turn(keys[position - offset], rank - (position - pad), self.inv_freq)
+        queries = q[row, head * group:(head + 1) * group, 0].float()  # [G, D]
+        queries = _turn(queries, (len(kept) - 1) - (self.seen - 1 - pad), self.inv_freq)
+        logits = (queries @ keys.T * scale).unsqueeze(1)  # [G, 1, Tk]
+        if softcap:
+            logits = torch.tanh(logits / softcap) * softcap
+        heads = slice(head * group, (head + 1) * group)
+        return logits + self._additive(mask, q.shape[0], q.shape[1], 1, k.shape[2])[row, heads]
+
     def _gumbel_probs(self, row, heads, logits, query_positions, tau, offset=0) -> Tensor:
         """Gumbel-softmax probabilities of ``logits`` ``[G, Tq, Tk]`` with kvfx's hashed noise."""
         config = self.configs[heads[0] // len(heads)]
@@ -186,6 +208,14 @@ class FaithfulAttention:
 
     def kept_positions(self) -> list[list[set[int]]]:
         return [[set(s) for s in row] for row in self.kept]
+
+
+def _turn(x: Tensor, positions: int, inv_freq: Tensor) -> Tensor:
+    """Advance rotate-half RoPE vectors ``x [..., D]`` by ``positions`` (as complex multiplication)."""
+    half = x.shape[-1] // 2
+    z = torch.complex(x[..., :half].double(), x[..., half:].double())
+    z = z * torch.polar(torch.ones(half, dtype=torch.float64), positions * inv_freq.double())
+    return torch.cat([z.real, z.imag], dim=-1).float()
 
 
 def _softmax(logits: Tensor) -> Tensor:

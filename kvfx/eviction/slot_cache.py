@@ -64,6 +64,8 @@ class EvictingLayerCache:
                                 f"({', '.join(sorted(p.config.describe() for p, _ in self.groups))}); "
                                 "give them one scoring policy (or use per-layer overrides)")
         self.scorer = next((policy for policy, _ in self.groups if policy.scores), None)
+        compact = [getattr(p.config, "positions", "original") == "compact" if p else False for p in policies]
+        self.compact_heads = torch.tensor(compact) if any(compact) else None  # [Hkv] bool
         self.k: Tensor | None = None
         self.v: Tensor | None = None
         self.pos: Tensor | None = None
@@ -166,7 +168,7 @@ class EvictingLayerCache:
     # ---- decode ---------------------------------------------------------------------------------
 
     def decode(self, q: Tensor, k_new: Tensor, v_new: Tensor, mask: Tensor | None, *, scale: float,
-               softcap: float) -> Tensor:
+               softcap: float, inv_freq: Tensor | None = None) -> Tensor:
         """One decode step: q ``[B, Hq, 1, D]``, k_new/v_new ``[B, Hkv, 1, D]`` -> attention output ``[B, Hq, 1, Dv]``."""
         if self.k is None:
             raise EvictionError(f"layer {self.layer}: decode before the prompt")
@@ -189,12 +191,34 @@ class EvictingLayerCache:
         bias, attendable = self._bias(mask, q.shape[1])
         gumbel = self.scorer.gumbel(self._context(self.scorer, [])) if self.scorer is not None else None
         qpos = torch.full((b,), self.seen - 1, dtype=torch.long, device=q.device)
-        out, contribution = _scored_decode(q[:, :, 0], self.k, self.v, bias, scale=scale, softcap=softcap,
+        query, keys = q[:, :, 0], self.k
+        if self.compact_heads is not None:
+            query, keys = self._compact_positions(query, inv_freq)
+        out, contribution = _scored_decode(query, keys, self.v, bias, scale=scale, softcap=softcap,
                                            gumbel=gumbel, qpos=qpos, kpos=self.pos)
         if self.scorer is not None:
             self.score += contribution
         self._evict(attendable)
         return out.unsqueeze(2)
+
+    def _compact_positions(self, query: Tensor, inv_freq: Tensor | None) -> tuple[Tensor, Tensor]:
+        """StreamingLLM's positions within the cache: the query and the kept keys of compact heads rotated as if
+        the kept tokens sat at positions 0, 1, ... in their order (the new token last). Keys are stored at the
+        positions the model gave them (cache position - padding), so each is rotated by the difference."""
+        if inv_freq is None:
+            raise EvictionError(f"layer {self.layer}: positions: compact needs the keys' RoPE frequencies")
+        b, h, c = self.pos.shape
+        compact = self.compact_heads.to(self.pos.device).view(1, h, 1)
+        live = self.pos >= 0
+        order = torch.where(live, self.pos, _UNBOUNDED).argsort(dim=-1)
+        rank = torch.empty_like(self.pos).scatter_(-1, order, torch.arange(c, device=self.pos.device).expand(b, h, c))
+        model_pos = self.pos - self.first_valid.view(b, 1, 1)
+        key_shift = torch.where(compact & live, rank - model_pos, 0)  # [B, Hkv, C]
+        query_model_pos = (self.seen - 1) - self.first_valid.view(b, 1)
+        query_shift = torch.where(compact[..., 0], (self.live - 1) - query_model_pos, 0)  # [B, Hkv]
+        group = query.shape[1] // h
+        query = rotate(query, query_shift.repeat_interleave(group, dim=1), inv_freq)
+        return query, rotate(self.k, key_shift, inv_freq)
 
     def _evict(self, attendable: Tensor) -> None:
         """Empty the lowest-priority slot of every (row, head) holding more than its budget."""
@@ -255,6 +279,14 @@ class EvictingLayerCache:
         return EvictionContext(layer=self.layer, prompt_end=self.prompt_end, seen=self.seen,
                                first_valid=self.first_valid, budget=self.budget[:, head],
                                recent=self.recent[:, head])
+
+
+def rotate(x: Tensor, shift: Tensor, inv_freq: Tensor) -> Tensor:
+    """Rotate-half RoPE by ``shift`` positions: x ``[..., D]``, shift ``[...]`` int, inv_freq ``[D/2]`` (fp32 angles)."""
+    angle = shift.unsqueeze(-1).to(torch.float32) * inv_freq.to(torch.float32)  # [..., D/2]
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    first, second = x.float().chunk(2, dim=-1)
+    return torch.cat([first * cos - second * sin, second * cos + first * sin], dim=-1).to(x.dtype)
 
 
 def _real_columns(mask: Tensor | None, batch: int, length: int, device, *, sliding: bool) -> Tensor:
