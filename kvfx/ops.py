@@ -20,9 +20,9 @@ from kvfx.eviction import make_policy
 from kvfx.eviction.slot_cache import EvictingLayerCache
 from kvfx.kernels.decode_attention import decode_attention, decode_attention_reference, supports
 from kvfx.kernels.prefill_attention import attention_math, prefill_attention
+from kvfx.notices import warn_once
 from kvfx.plans import plan
 from kvfx.state import REGISTRY, KvfxCacheError, LayerCache, SequenceState
-from kvfx.notices import warn_once
 
 
 @torch.library.custom_op("kvfx::begin_sequence", mutates_args=())

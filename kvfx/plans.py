@@ -26,7 +26,6 @@ def check_implemented(spec: Spec) -> None:
                 )
 
 
-
 def check_prompt_budgets(resolved: Plan, prompt_tokens: int) -> None:
     """Raise a SpecError if a token-count budget cannot be met by a prompt of ``prompt_tokens`` tokens."""
     for layer, row in enumerate(resolved.policies):

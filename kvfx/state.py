@@ -116,16 +116,11 @@ def _round_up(n: int, multiple: int) -> int:
 
 @dataclass
 class SequenceState:
-    """Everything kvfx keeps for one sequence batch: one cache per attention layer."""
+    """Everything kvfx keeps for one sequence batch: one cache per attention layer (made by ``kvfx.ops`` on first
+    use: a full ``LayerCache`` or an ``EvictingLayerCache``)."""
 
     plan_id: int
     layers: dict[int, LayerCache] = field(default_factory=dict)
-
-    def layer(self, index: int, keep_last: int = 0) -> LayerCache:
-        cache = self.layers.get(index)
-        if cache is None:
-            cache = self.layers[index] = LayerCache(keep_last)
-        return cache
 
     @property
     def nbytes(self) -> int:
