@@ -28,6 +28,14 @@ def test_triton_fast_path_equals_paper_faithful_reference(config, heads):
                      steps=40, pads=(0, 17, 5), device="cuda", atol=2e-5, rtol=2e-5)
 
 
+def test_compact_positions_on_the_gpu():
+    """positions: compact with the Triton kernels: re-rotated keys and query, fp32, against the faithful reference."""
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, 64, 2).float() / 64))
+    run_side_by_side([EvictWindow(sink=4, budget=40, positions="compact"), EvictWindow(sink=4, budget=40)],
+                     batch=3, q_heads=8, kv_heads=2, head_dim=64, prompt=120, steps=30, pads=(0, 17, 5),
+                     device="cuda", inv_freq=inv_freq, atol=5e-5, rtol=5e-5)
+
+
 @pytest.mark.parametrize("config", CONFIGS[1:3], ids=lambda c: c.method)
 def test_triton_fast_path_in_bf16_runs_the_same_policy(config):
     """bf16 K/V: outputs within bf16 rounding (8e-3 relative, the decode kernel's tolerance) of the reference run on
