@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import time
 
 import torch
 
-from kvfx.results import gpu_slug, results_path, write_json
+from kvfx.results import gpu_environment, gpu_slug, results_path, write_json
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -175,13 +174,7 @@ def main(argv=None):
         results.append(r)
 
     payload = {
-        "gpu": gpu,
-        "sm_count": torch.cuda.get_device_properties(0).multi_processor_count,
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "cuda": torch.version.cuda,
-        "python": platform.python_version(),
-        "autotune": os.environ.get("KVFX_DECODE_AUTOTUNE", "1"),
+        **gpu_environment(),
         "timer": ("triton.testing.do_bench_cudagraph" if a.cuda_graph else "triton.testing.do_bench")
         + "(return_mode='median')",
         "results": results,

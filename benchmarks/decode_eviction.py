@@ -21,14 +21,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import time
 
 import torch
 
-from kvfx.results import gpu_slug, results_path, write_json
+from kvfx.results import gpu_environment, gpu_slug, results_path, write_json
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -207,13 +206,7 @@ def main(argv=None):
                   f"{r['speedup_vs_sdpa_gqa_full'][n]:>5.2f}x vs sdpa_gqa_full")
 
     payload = {
-        "gpu": gpu,
-        "sm_count": torch.cuda.get_device_properties(0).multi_processor_count,
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "cuda": torch.version.cuda,
-        "python": platform.python_version(),
-        "autotune": os.environ.get("KVFX_DECODE_AUTOTUNE", "1"),
+        **gpu_environment(),
         "shape": dict(B=B, T=T, Hq=Hq, Hkv=Hkv, D=D, dtype=a.dtype),
         "timer": f"CUDA events, median of {a.reps} single calls after {a.warmup} warm-up calls"
         + ("" if a.no_flush else ", L2 flushed (256 MB memset) before each call"),

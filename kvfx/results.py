@@ -19,6 +19,24 @@ def results_path(filename: str) -> Path:
     return Path(os.environ.get("KVFX_RESULTS_DIR", _DEFAULT_DIR)) / filename
 
 
+def gpu_environment() -> dict:
+    """What a GPU measurement ran on: device, SM count and software versions (call only where CUDA is present)."""
+    import platform
+
+    import torch
+    import triton
+
+    return {
+        "gpu": torch.cuda.get_device_name(0),
+        "sm_count": torch.cuda.get_device_properties(0).multi_processor_count,
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "autotune": os.environ.get("KVFX_DECODE_AUTOTUNE", "1"),
+    }
+
+
 def write_json(path: str | Path, payload: dict) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -92,7 +92,6 @@ class FaithfulAttention:
 
     def _select_prompt(self, row, head, q, k, logits, real, eligible) -> set[int]:
         config = self.configs[head]
-        attendable = real
         valid = [j for j in range(len(eligible)) if eligible[j]]
         if config.method == "none":
             return set(valid)
@@ -110,7 +109,7 @@ class FaithfulAttention:
             else:
                 probs = self._gumbel_probs(row, heads, logits[row, heads], query_positions=range(logits.shape[2]),
                                            tau=config.tau[0])
-            query_ok = attendable.view(1, -1, 1).float()
+            query_ok = real.view(1, -1, 1).float()
             score = torch.nan_to_num(probs * query_ok).sum(dim=(0, 1))  # [T]
             self.scores[row, head] = score
             recent = _recent(config.recent, budget)
@@ -122,7 +121,7 @@ class FaithfulAttention:
             t = logits.shape[-1]
             window = min(config.window, t)
             probs = torch.softmax(logits[row, heads, t - window:], dim=-1)  # [G, W, T]
-            votes = (probs * attendable[t - window:].view(1, -1, 1).float()).sum(dim=(0, 1))
+            votes = (probs * real[t - window:].view(1, -1, 1).float()).sum(dim=(0, 1))
             prefix = votes[: t - window].view(1, 1, -1)
             pool = F.max_pool1d if config.pooling == "max" else F.avg_pool1d
             pooled = pool(prefix, config.pool, stride=1, padding=config.pool // 2).view(-1)
