@@ -28,7 +28,11 @@ Kernel design (:func:`scored_decode_attention`): K and V are read once per call
   block of slots (reading the small Y scratch, never K); with several splits one extra program per (b, j) merges the
   partial outputs of the group's heads.
 * CUDA: the split kernel is autotuned like decode_attention's (same ``KVFX_DECODE_AUTOTUNE`` switch; the tuning key
-  adds the value head_dim and the noise flag).  CPU tensors run the same kernels under the Triton interpreter.
+  adds the value head_dim and the noise flag, and is per power-of-two store size: a slot store keeps its size, so
+  each is tuned once).  CPU tensors run the same kernels under the Triton interpreter.
+* Slot mode (:class:`SlotMask`, used by kvfx.kernels.slot_decode): instead of a bias tensor, each slot's bias is read
+  from the mask row at the slot's position, and the finish kernel (:class:`SlotEviction`) also adds the scores into
+  the store's running score and writes each block of slots' eviction candidate.
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ from kvfx.kernels.gumbel import gumbel_noise, gumbel_noise_reference, gumbel_row
 __all__ = ["GumbelScores", "scored_decode_attention", "scored_decode_attention_reference", "supports"]
 
 _MAX = _da._MAX  # tl.reduce combine functions (see kvfx.kernels.decode_attention)
+_MIN = tl.standard._elementwise_min
 _SUM = _da._SUM
 
 
@@ -115,6 +120,7 @@ def _scored_split_kernel(
     stride_ob, stride_oh,
     S, num_splits, Hkv, bias_div,
     sm_scale, softcap, seed, layer, inv_tau,
+    mask_offset, masked_below,
     TUNE_KEY,  # unused by the body: only part of the autotuning key
     GROUP: tl.constexpr,
     BLOCK_G: tl.constexpr,
@@ -122,6 +128,8 @@ def _scored_split_kernel(
     HEAD_DV: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BIAS_PER_HEAD: tl.constexpr,  # bias row = hq // bias_div (else one row per group: hk // bias_div)
+    SLOT_MASK: tl.constexpr,  # Bias is a mask row read at each slot's position (see slot_decode)
+    MASK_KIND: tl.constexpr,  # SLOT_MASK only: 0 no mask, 1 bool (uint8, 0 = masked), 2 additive float
     HAS_SOFTCAP: tl.constexpr,
     GUMBEL: tl.constexpr,
     DOT_FP32: tl.constexpr,
@@ -159,10 +167,11 @@ def _scored_split_kernel(
     else:
         bias_row = Bias + b * stride_bb + (hk // bias_div) * stride_bh
     y_rows = Y + row * S  # Y: [B, Hq, S] float32 contiguous
+    if GUMBEL or SLOT_MASK:
+        kp_base = Kpos + b * stride_pb + hk * stride_ph
     if GUMBEL:
         qp = tl.load(Qpos + b * stride_qpos)
         row_key = gumbel_row_key(seed, layer, b, hq, qp)  # [BLOCK_G] uint32
-        kp_base = Kpos + b * stride_pb + hk * stride_ph
         my_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
         ly_i = tl.full([BLOCK_G], 0.0, tl.float32)
 
@@ -190,7 +199,25 @@ def _scored_split_kernel(
             th_small = ax * (1.0 + x2 * (-1.0 / 3.0 + x2 * (2.0 / 15.0 + x2 * (-17.0 / 315.0))))
             th = tl.where(ax < 0.125, th_small, th_big)
             s = softcap * tl.where(x < 0, -th, th)
-        if BIAS_PER_HEAD:
+        if GUMBEL or SLOT_MASK:
+            kp = tl.load(kp_base + cols * stride_pn, mask=n_valid, other=-1)
+        if SLOT_MASK:
+            # empty slots (kp < 0) and positions before the mask's first column are not attended; the others read
+            # the mask at their position: column kp - mask_offset of each query head's row
+            column = kp - mask_offset
+            present = (kp >= 0) & (column >= 0) & n_valid
+            if MASK_KIND == 0:
+                s = s + tl.where(present, 0.0, float("-inf"))[None, :]
+            else:
+                mv = tl.load(bias_rows[:, None] + column[None, :] * stride_bn,
+                             mask=g_valid[:, None] & present[None, :], other=0)
+                if MASK_KIND == 1:
+                    add = tl.where(mv != 0, 0.0, float("-inf"))
+                else:
+                    mv = mv.to(tl.float32)
+                    add = tl.where(mv > masked_below, mv, float("-inf"))
+                s = s + tl.where(present[None, :], add, float("-inf"))
+        elif BIAS_PER_HEAD:
             bias = tl.load(bias_rows[:, None] + cols[None, :] * stride_bn, mask=g_valid[:, None] & n_valid[None, :],
                            other=0.0)
             s = s + bias.to(tl.float32)
@@ -200,7 +227,6 @@ def _scored_split_kernel(
         s = tl.where(n_valid[None, :], s * LOG2E, float("-inf"))  # the logits x, in log2 units
 
         if GUMBEL:
-            kp = tl.load(kp_base + cols * stride_pn, mask=n_valid, other=0)
             noise = gumbel_noise(row_key[:, None], kp[None, :])
             y = (s + noise * LOG2E) * inv_tau  # -inf stays -inf
             my_new = tl.maximum(my_i, tl.reduce(y, 1, _MAX))
@@ -240,8 +266,9 @@ def _scored_split_kernel(
 
 def _scored_finish_kernel(
     Y, Lse, LseY, Opart, O, Score,
+    Pos, Lo, Hi, FromSeen, ByScore, PartKey, PartPos, PartSlot, PartFree,
     stride_ob, stride_oh,
-    S, num_splits, Hkv,
+    S, num_splits, Hkv, seen,
     GROUP: tl.constexpr,
     BLOCK_G: tl.constexpr,  # >= GROUP, power of two (no tl.dot here: no padding to 16)
     HEAD_DV: tl.constexpr,
@@ -249,6 +276,8 @@ def _scored_finish_kernel(
     BLOCK_S: tl.constexpr,  # slots per score program
     MERGE_OUT: tl.constexpr,  # num_splits > 1: the last program of axis 0 merges the partial outputs
     STATIC_SPLITS: tl.constexpr,  # > 0 (interpreter only): constexpr trip count of the merge loop
+    EVICT: tl.constexpr,  # Score is the slot store's running score: add (ACCUMULATE) and rank slots for eviction
+    ACCUMULATE: tl.constexpr,
 ):
     pid_s = tl.program_id(0)
     bh = tl.program_id(1)
@@ -272,7 +301,37 @@ def _scored_finish_kernel(
         c_valid = cols < S
         y = tl.load(Y + row[:, None] * S + cols[None, :], mask=g_valid[:, None] & c_valid[None, :], other=float("-inf"))
         p = tl.where((den > 0.0)[:, None], tl.exp2(y - lse[:, None]), 0.0)
-        tl.store(Score + (b * Hkv + hk) * S + cols, tl.reduce(p, 0, _SUM), mask=c_valid)
+        contribution = tl.reduce(p, 0, _SUM)
+        if EVICT:
+            # the running score, then this block's eviction candidate (kvfx.kernels.slot_decode.keep_priority):
+            # the lowest keep-priority, ties to the oldest position; and its first empty slot
+            BIG: tl.constexpr = 2**62
+            slots = (b * Hkv + hk) * S + cols
+            cols64 = cols.to(tl.int64)
+            pos = tl.load(Pos + slots, mask=c_valid, other=-1)
+            live = pos >= 0
+            score = tl.load(Score + slots, mask=c_valid, other=0.0)
+            if ACCUMULATE:
+                score = score + contribution
+                tl.store(Score + slots, score, mask=c_valid & live)
+            first_head = tl.reduce(tl.where((offs_g == 0)[:, None], y, float("-inf")), 0, _MAX)
+            hi = tl.load(Hi + b * Hkv + hk) + seen * tl.load(FromSeen + hk).to(tl.int64)
+            protected = (pos < tl.load(Lo + b * Hkv + hk)) | (pos >= hi)
+            key = tl.where(tl.load(ByScore + hk) != 0, score, pos.to(tl.float32))
+            key = tl.where(protected, float("inf"), key)
+            key = tl.where(first_head == float("-inf"), float("-inf"), key)  # no query attends it: first to go
+            key = tl.where(live, key, float("inf"))
+            tie = tl.where(live, pos, BIG)
+            lowest = tl.reduce(key, 0, _MIN)
+            oldest = tl.reduce(tl.where(key == lowest, tie, BIG), 0, _MIN)
+            slot = tl.reduce(tl.where((key == lowest) & (tie == oldest), cols64, BIG), 0, _MIN)
+            part = (b * Hkv + hk) * tl.num_programs(0) + pid_s
+            tl.store(PartKey + part, lowest)
+            tl.store(PartPos + part, oldest)
+            tl.store(PartSlot + part, slot)
+            tl.store(PartFree + part, tl.reduce(tl.where(live | ~c_valid, BIG, cols64), 0, _MIN))
+        else:
+            tl.store(Score + (b * Hkv + hk) * S + cols, contribution, mask=c_valid)
     else:
         if MERGE_OUT:
             lse_all = tl.load(Lse + row[:, None] * num_splits + offs_sp[None, :], mask=sp_mask, other=float("-inf"))
@@ -291,9 +350,9 @@ def _scored_finish_kernel(
             tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=g_valid[:, None])
 
 
-_SPLIT_JIT = JITFunction(_scored_split_kernel,
-                         do_not_specialize=["S", "num_splits", "Hkv", "bias_div", "seed", "layer", "TUNE_KEY"])
-_FINISH_JIT = JITFunction(_scored_finish_kernel, do_not_specialize=["S", "num_splits", "Hkv"])
+_SPLIT_JIT = JITFunction(_scored_split_kernel, do_not_specialize=["S", "num_splits", "Hkv", "bias_div", "seed", "layer",
+                                                                  "mask_offset", "TUNE_KEY"])
+_FINISH_JIT = JITFunction(_scored_finish_kernel, do_not_specialize=["S", "num_splits", "Hkv", "seen"])
 
 
 def _smem_bytes(block_n: int, head_dim: int, head_dv: int, elem_size: int, stages: int) -> int:
@@ -441,20 +500,56 @@ def scored_decode_attention(
     reason = supports(q, k, v)
     if reason is not None and not (q.device.type == "cpu" and reason.startswith("CPU tensors")):
         raise ValueError(f"scored_decode_attention cannot run these inputs: {reason}")
+    B, Hkv, S = k.shape[0], k.shape[1], k.shape[2]
+    score = torch.empty((B, Hkv, S), device=q.device, dtype=torch.float32)
+    out = launch(q, k, v, bias, score, scale=scale, softcap=softcap, gumbel=gumbel, qpos=qpos, kpos=kpos,
+                 num_splits=num_splits)
+    return out, score
 
+
+@dataclass(frozen=True)
+class SlotMask:
+    """Slot mode of :func:`launch`: the bias of slot s is read from a mask row at the slot's position.
+
+    ``row`` ``[B|1, 1|Hq, Tk]`` (bool: True = attend, or float additive; None: no mask) covers positions
+    ``offset .. offset + Tk - 1``; empty slots (position < 0), positions before ``offset`` and float entries
+    ``<= masked_below`` are not attended."""
+
+    row: torch.Tensor | None
+    offset: int
+    masked_below: float
+
+
+@dataclass(frozen=True)
+class SlotEviction:
+    """Eviction mode of :func:`launch`: ``score`` is the store's running score (added to when ``accumulate``) and
+    each block of slots writes its eviction candidate (see kvfx.kernels.slot_decode)."""
+
+    lo: torch.Tensor  # [B, Hkv] int64
+    hi: torch.Tensor  # [B, Hkv] int64
+    from_seen: torch.Tensor  # [Hkv] int8
+    by_score: torch.Tensor  # [Hkv] int8
+    seen: int
+    accumulate: bool
+
+
+def launch(q, k, v, bias, score, *, scale, softcap, gumbel, qpos, kpos, num_splits=None,
+           slot_mask: SlotMask | None = None, evict: SlotEviction | None = None):
+    """Run the split and finish kernels on validated inputs; returns the output (score filled in place).
+
+    With ``evict``, returns ``(out, partials)``: per (row, KV head) and block of slots, the block's lowest key,
+    its position and slot, and the block's first empty slot (int64 ``[B * Hkv, blocks]`` each, blocks in
+    ``partials[4]``)."""
     B, Hq, D = q.shape
     Hkv, S, Dv = k.shape[1], k.shape[2], v.shape[3]
     G = Hq // Hkv
-    Hb = bias.shape[1]
     softcap = float(softcap)
     interpret = q.device.type != "cuda" or _da.triton_interpreting()
 
     out = torch.empty((B, Hq, Dv), device=q.device, dtype=q.dtype)
-    score = torch.empty((B, Hkv, S), device=q.device, dtype=torch.float32)
-    if B == 0 or Hq == 0:
-        return out, score
-    if S == 0:
-        return out.zero_(), score
+    if B == 0 or Hq == 0 or S == 0:
+        out.zero_()
+        return (out, None) if evict is not None else out
     result = out
     if interpret and q.dtype == torch.bfloat16:
         # the interpreter's fp32 -> bf16 cast truncates; write fp32 and let torch round to nearest even
@@ -470,13 +565,23 @@ def scored_decode_attention(
     lse_y = torch.empty_like(lse) if gumbel is not None else lse
     opart = out if direct else torch.empty((B, Hq, num_splits, Dv), device=q.device, dtype=torch.float32)
     if gumbel is None:
-        qpos_arg, kpos_arg, qpos_stride, kpos_strides = q, q, 0, (0, 0, 0)
         seed, layer, inv_tau = 0, 0, 1.0
     else:
-        qpos_arg, kpos_arg, qpos_stride, kpos_strides = qpos, kpos, qpos.stride(0), kpos.stride()
         # the hash reduces seed and layer modulo 2**32 first (see kvfx.kernels.gumbel)
         seed, layer, inv_tau = int(gumbel.seed) & 0xFFFFFFFF, int(gumbel.layer) & 0xFFFFFFFF, 1.0 / float(gumbel.tau)
-    per_head = Hkv % Hb != 0  # else one bias row serves a whole group: row hk // (Hkv // Hb)
+    qpos_arg, qpos_stride = (qpos, qpos.stride(0)) if gumbel is not None else (q, 0)
+    kpos_arg, kpos_strides = (kpos, kpos.stride()) if kpos is not None else (q, (0, 0, 0))
+    mask_kind, mask_offset, masked_below = 0, 0, 0.0
+    if slot_mask is not None:
+        row = slot_mask.row
+        mask_offset, masked_below = int(slot_mask.offset), float(slot_mask.masked_below)
+        if row is None:
+            bias = q.new_zeros(1, 1, 1)  # not read
+        else:
+            mask_kind = 1 if row.dtype == torch.bool else 2
+            bias = row.view(torch.uint8) if row.dtype == torch.bool else row
+    Hb = bias.shape[1]
+    per_head = slot_mask is not None or Hkv % Hb != 0  # else one bias row serves a whole group: hk // (Hkv // Hb)
     bias_div = Hq // Hb if per_head else Hkv // Hb
 
     args = (
@@ -490,12 +595,13 @@ def scored_decode_attention(
         out.stride(0), out.stride(1),
         S, num_splits, Hkv, bias_div,
         float(scale), softcap if softcap > 0 else 1.0, seed, layer, inv_tau,
-        _da._tune_bucket(S, num_splits),
+        mask_offset, masked_below,
+        S.bit_length(),  # tuned per power-of-two store size (a slot store keeps its size: tuned once)
     )
     meta = dict(
         GROUP=G, BLOCK_G=max(16, triton.next_power_of_2(G)), HEAD_DIM=D, HEAD_DV=Dv,
-        BIAS_PER_HEAD=per_head, HAS_SOFTCAP=softcap > 0, GUMBEL=gumbel is not None,
-        DOT_FP32=interpret or q.dtype == torch.float32, DIRECT_OUT=direct,
+        BIAS_PER_HEAD=per_head, SLOT_MASK=slot_mask is not None, MASK_KIND=mask_kind, HAS_SOFTCAP=softcap > 0,
+        GUMBEL=gumbel is not None, DOT_FP32=interpret or q.dtype == torch.float32, DIRECT_OUT=direct,
     )
     grid = (B * Hkv * num_splits,)
     if interpret:
@@ -510,15 +616,24 @@ def scored_decode_attention(
     block_g = triton.next_power_of_2(G)
     block_s = 64 if interpret else min(1024, max(64, 4096 // block_g))
     n_sblocks = -(-S // block_s)
+    programs = n_sblocks + (0 if direct else 1)
+    if evict is not None:
+        partials = [torch.empty((B * Hkv, programs), device=q.device, dtype=dt)
+                    for dt in (torch.float32, torch.int64, torch.int64, torch.int64)]
+        evict_args = (kpos, evict.lo, evict.hi, evict.from_seen, evict.by_score, *partials)
+        seen = int(evict.seen)
+    else:
+        evict_args, seen = (score,) * 9, 0
     finish = _da._interpreted(_scored_finish_kernel) if interpret else _FINISH_JIT
-    finish[(n_sblocks + (0 if direct else 1), B * Hkv)](
-        y, lse, lse_y, opart, out, score,
+    finish[(programs, B * Hkv)](
+        y, lse, lse_y, opart, out, score, *evict_args,
         out.stride(0), out.stride(1),
-        S, num_splits, Hkv,
+        S, num_splits, Hkv, seen,
         GROUP=G, BLOCK_G=block_g, HEAD_DV=Dv, BLOCK_SPL=max(2, triton.next_power_of_2(num_splits)),
         BLOCK_S=block_s, MERGE_OUT=not direct, STATIC_SPLITS=num_splits if interpret else 0,
+        EVICT=evict is not None, ACCUMULATE=evict is not None and evict.accumulate,
         num_warps=4,
     )
     if out is not result:
         result.copy_(out)
-    return result, score
+    return (result, (*partials, n_sblocks)) if evict is not None else result

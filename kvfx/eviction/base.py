@@ -9,12 +9,28 @@ import torch
 from torch import Tensor
 
 from kvfx.kernels.scored_decode_attention import GumbelScores
+from kvfx.kernels.slot_decode import keep_priority
 
 INF = float("inf")
+NEVER = 2**62  # a protect_from that protects nothing
 
 
 class EvictionError(ValueError):
     """A policy cannot serve this prompt (e.g. its budget is larger than the prompt)."""
+
+
+@dataclass(frozen=True)
+class KeepRule:
+    """How a policy ranks tokens, in a form the decode kernels evaluate (``kvfx.kernels.slot_decode.keep_priority``).
+
+    Tokens at positions below ``protect_below`` or from ``protect_from`` on (counted back from the current length
+    ``seen`` when ``from_seen``) are never evicted; the others are ranked by their accumulated score (``by_score``)
+    or by position (the oldest goes first)."""
+
+    protect_below: Tensor  # [B] int64
+    protect_from: Tensor  # [B] int64 (added to seen when from_seen)
+    from_seen: bool
+    by_score: bool
 
 
 @dataclass(frozen=True)
@@ -34,7 +50,7 @@ class EvictionContext:
 
 
 class EvictionPolicy:
-    """Base of all eviction policies. Subclasses set ``scores`` and implement ``priority``.
+    """Base of all eviction policies. Subclasses set ``scores`` and implement ``rule``.
 
     ``scores`` says what attention statistic the policy reads: ``None`` (positions only), ``"softmax"`` (H2O:
     accumulated attention probability) or ``"gumbel"`` (Keyformer: accumulated Gumbel-softmax probability).
@@ -72,12 +88,20 @@ class EvictionPolicy:
 
     # ---- decisions ----------------------------------------------------------------------------
 
-    def priority(self, pos: Tensor, score: Tensor, ctx: EvictionContext) -> Tensor:
-        """Keep-priority of tokens at cache positions ``pos`` ``[B, H, N]`` with accumulated ``score``.
-
-        Higher is kept; ``inf`` is never evicted. Prefill keeps the ``budget`` highest; decode evicts the lowest.
-        """
+    def rule(self, ctx: EvictionContext) -> KeepRule:
+        """Which tokens are protected and how the others rank, at this step (``ctx.seen``)."""
         raise NotImplementedError
+
+    def priority(self, pos: Tensor, score: Tensor, ctx: EvictionContext) -> Tensor:
+        """Keep-priority of tokens at cache positions ``pos`` ``[B, H, N]`` with accumulated ``score``: the rule
+        evaluated. Higher is kept; ``inf`` is never evicted. Prefill keeps the ``budget`` highest; decode evicts the
+        lowest (in the kernels, from the same rule)."""
+        rule = self.rule(ctx)
+        heads = pos.shape[1]
+        protect_from = rule.protect_from + (ctx.seen if rule.from_seen else 0)
+        return keep_priority(pos, score, rule.protect_below.view(-1, 1).expand(-1, heads),
+                             protect_from.view(-1, 1).expand(-1, heads),
+                             torch.full((heads,), rule.by_score, device=pos.device))
 
     def prompt_scores(self, column_scores, q: Tensor, k: Tensor, ctx: EvictionContext) -> Tensor | None:
         """The score of each prompt token at the end of the prefill, ``[B, Hkv, T]`` float32, or None.
@@ -97,12 +121,6 @@ def recent_tokens(recent, budget: Tensor) -> Tensor:
     if isinstance(recent, int):
         return torch.clamp(torch.full_like(budget, recent), max=budget)
     return (budget.double() * recent).floor().long()
-
-
-def protect_recent(pos: Tensor, keep: Tensor, ctx: EvictionContext) -> Tensor:
-    """``keep`` with the ``ctx.recent`` most recent positions set to ``inf``."""
-    recent = pos >= (ctx.seen - ctx.recent).view(-1, 1, 1)
-    return torch.where(recent, INF, keep)
 
 
 def make_policy(config) -> EvictionPolicy | None:

@@ -8,9 +8,10 @@ gone with it.
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
-from kvfx.eviction.base import EvictionContext, EvictionPolicy, protect_recent, recent_tokens
+from kvfx.eviction.base import EvictionContext, EvictionPolicy, KeepRule, recent_tokens
 
 
 class H2O(EvictionPolicy):
@@ -19,8 +20,10 @@ class H2O(EvictionPolicy):
     def recent(self, budget: Tensor) -> Tensor:
         return recent_tokens(self.config.recent, budget)
 
-    def priority(self, pos: Tensor, score: Tensor, ctx: EvictionContext) -> Tensor:
-        return protect_recent(pos, score, ctx)
+    def rule(self, ctx: EvictionContext) -> KeepRule:
+        """The ``recent`` most recent tokens are protected; the others rank by score."""
+        return KeepRule(protect_below=torch.zeros_like(ctx.recent), protect_from=-ctx.recent, from_seen=True,
+                        by_score=True)
 
     def prompt_scores(self, column_scores, q: Tensor, k: Tensor, ctx: EvictionContext) -> Tensor:
         return column_scores(q, None)

@@ -26,12 +26,13 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from kvfx.eviction.base import INF, EvictionContext, EvictionError, EvictionPolicy
+from kvfx.eviction.base import INF, NEVER, EvictionContext, EvictionError, EvictionPolicy
 from kvfx.kernels.attention_scores import attention_column_scores, attention_column_scores_reference
 from kvfx.kernels.attention_scores import supports as column_scores_supports
-from kvfx.kernels.scored_decode_attention import GumbelScores, scored_decode_attention
-from kvfx.kernels.scored_decode_attention import scored_decode_attention_reference
+from kvfx.kernels.scored_decode_attention import GumbelScores
 from kvfx.kernels.scored_decode_attention import supports as scored_decode_supports
+from kvfx.kernels.slot_decode import EvictionRule, SlotStore, slot_decode_step, slot_decode_step_reference
+from kvfx.kernels.slot_decode import write_slot, write_slot_reference
 from kvfx.state import KvfxCacheError
 from kvfx.notices import warn_once
 
@@ -74,6 +75,9 @@ class EvictingLayerCache:
         self.budget: Tensor | None = None  # [B, Hkv] int64
         self.recent: Tensor | None = None  # [B, Hkv] int64
         self.first_valid: Tensor | None = None  # [B]
+        self.free: Tensor | None = None  # [B, Hkv] int64: the empty slot the next token is written to
+        self.qpos: Tensor | None = None  # [B] int64: the position of the current query
+        self.rule: EvictionRule | None = None  # the decode keep rules, made at the first decode step
         self.seen = 0  # tokens written, padding included (the cache length transformers believes in)
         self.prompt_end = 0
 
@@ -164,6 +168,8 @@ class EvictingLayerCache:
         self.score = torch.zeros(b, h, capacity, dtype=torch.float32, device=k.device)
         self.score[:, :, :kept] = torch.where(keep, scores.gather(-1, index), 0.0)
         self.live = keep.sum(dim=-1)
+        self.free = (self.pos < 0).to(torch.int8).argmax(dim=-1)  # capacity > budget: there is one
+        self.qpos = torch.zeros(b, dtype=torch.long, device=k.device)
 
     # ---- decode ---------------------------------------------------------------------------------
 
@@ -180,26 +186,44 @@ class EvictingLayerCache:
             )
         if self.unbounded and self.seen >= self.capacity:
             self._grow(self.seen + 1)
-        slot = (self.pos < 0).to(torch.int8).argmax(dim=-1, keepdim=True)  # [B, Hkv, 1] an empty slot
-        self.k.scatter_(2, slot[..., None].expand(b, h, 1, self.k.shape[-1]), k_new)
-        self.v.scatter_(2, slot[..., None].expand(b, h, 1, self.v.shape[-1]), v_new)
-        self.pos.scatter_(2, slot, self.seen)
-        self.score.scatter_(2, slot, 0.0)
-        self.live += 1
+        store = SlotStore(self.k, self.v, self.pos, self.score, self.live, self.free)
+        query = q[:, :, 0]
+        fast = _kernels_run(query, self.k, self.v)
+        (write_slot if fast else write_slot_reference)(store, k_new[:, :, 0], v_new[:, :, 0], self.seen, self.qpos)
         self.seen += 1
+        if self.rule is None:
+            self.rule = self._decode_rule()
 
-        bias, attendable = self._bias(mask, q.shape[1])
-        gumbel = self.scorer.gumbel(self._context(self.scorer, [])) if self.scorer is not None else None
-        qpos = torch.full((b,), self.seen - 1, dtype=torch.long, device=q.device)
-        query, keys = q[:, :, 0], self.k
+        keys = None
         if self.compact_heads is not None:
             query, keys = self._compact_positions(query, inv_freq)
-        out, contribution = _scored_decode(query, keys, self.v, bias, scale=scale, softcap=softcap,
-                                           gumbel=gumbel, qpos=qpos, kpos=self.pos)
-        if self.scorer is not None:
-            self.score += contribution
-        self._evict(attendable)
+        row, masked_below = None, -INF
+        if mask is not None:
+            row = mask[:, :, -1, :]  # [B|1, 1|Hq, Tk]: the new query's row
+            masked_below = -INF if row.dtype == torch.bool else torch.finfo(row.dtype).min / 2
+        step = slot_decode_step if fast else slot_decode_step_reference
+        out = step(query, store, self.rule, seen=self.seen, scale=scale, softcap=softcap, mask_row=row,
+                   mask_offset=self.seen - (0 if mask is None else mask.shape[-1]), masked_below=masked_below,
+                   gumbel=self.scorer.gumbel(self._context(self.scorer, [])) if self.scorer is not None else None,
+                   qpos=self.qpos, accumulate=self.scorer is not None, keys=keys)
         return out.unsqueeze(2)
+
+    def _decode_rule(self) -> EvictionRule:
+        """Every head's keep rule for the decode steps, as tensors ``[B, Hkv]`` (constant from the first step on:
+        a rule moves with the length only through ``from_seen``)."""
+        b, h = self.live.shape
+        device = self.pos.device
+        lo = torch.zeros(b, h, dtype=torch.long, device=device)
+        hi = torch.full((b, h), NEVER, dtype=torch.long, device=device)
+        from_seen = torch.zeros(h, dtype=torch.bool, device=device)
+        by_score = torch.zeros(h, dtype=torch.bool, device=device)
+        for policy, heads in self.groups:
+            rule = policy.rule(self._context(policy, heads))
+            lo[:, heads] = rule.protect_below.view(b, 1)
+            hi[:, heads] = rule.protect_from.view(b, 1)
+            from_seen[heads] = rule.from_seen
+            by_score[heads] = rule.by_score
+        return EvictionRule(self.budget, lo, hi, from_seen, by_score)
 
     def _compact_positions(self, query: Tensor, inv_freq: Tensor | None) -> tuple[Tensor, Tensor]:
         """StreamingLLM's positions within the cache: the query and the kept keys of compact heads rotated as if
@@ -219,51 +243,6 @@ class EvictingLayerCache:
         group = query.shape[1] // h
         query = rotate(query, query_shift.repeat_interleave(group, dim=1), inv_freq)
         return query, rotate(self.k, key_shift, inv_freq)
-
-    def _evict(self, attendable: Tensor) -> None:
-        """Empty the lowest-priority slot of every (row, head) holding more than its budget."""
-        priority = torch.full_like(self.score, INF)
-        for policy, heads in self.groups:
-            priority[:, heads] = policy.priority(self.pos[:, heads], self.score[:, heads],
-                                                 self._context(policy, heads))
-        priority = torch.where(attendable, priority, -INF)  # what no query can see again goes first
-        priority = torch.where(self.pos < 0, INF, priority)  # an empty slot is not a candidate
-        lowest = priority.amin(dim=-1, keepdim=True)  # ties: the oldest token goes
-        victim = torch.where(priority == lowest, self.pos, _UNBOUNDED).argmin(dim=-1, keepdim=True)  # [B, Hkv, 1]
-        over = (self.live > self.budget)[..., None]
-        self.pos.scatter_(2, victim, torch.where(over, -1, self.pos.gather(2, victim)))
-        self.live -= over[..., 0].long()
-
-    def _bias(self, mask: Tensor | None, query_heads: int) -> tuple[Tensor, Tensor]:
-        """The additive bias of every slot for the new query, ``[B, 1|Hkv|Hq, C]`` float32 (-inf: not attended),
-        and whether each slot is attendable at all, ``[B, Hkv, C]``."""
-        b, h, c = self.pos.shape
-        present = self.pos >= 0
-        if mask is None:
-            bias = torch.zeros(b, h, c, device=self.pos.device)
-            return bias.masked_fill(~present, -INF), present
-        columns = mask.shape[-1]
-        column = self.pos - (self.seen - columns)  # the mask column of each slot's position
-        present = present & (column >= 0)
-        column = column.clamp(0, columns - 1)
-        last = mask[:, :, -1, :]  # [B|1, 1|Hq, Tk]
-        if last.dtype == torch.bool:
-            seen_by_row = last[:, 0].expand(b, columns).gather(1, column.view(b, h * c)).view(b, h, c)
-            attendable = present & seen_by_row
-            return torch.zeros(b, h, c, device=self.pos.device).masked_fill(~attendable, -INF), attendable
-        values = last.float().expand(b, last.shape[1], columns)
-        masked_below = torch.finfo(last.dtype).min / 2
-        if values.shape[1] == 1:
-            bias = values[:, 0].gather(1, column.view(b, h * c)).view(b, h, c)
-            attendable = present & (bias > masked_below)
-        else:  # a per-head bias (ALiBi): each query head reads its KV head's slots
-            group = query_heads // h
-            per_head = column.repeat_interleave(group, dim=1)  # [B, Hq, C]
-            bias = values.expand(b, query_heads, columns).gather(2, per_head)
-            attendable = present & (bias.view(b, h, group, c)[:, :, 0] > masked_below)
-            present = attendable.repeat_interleave(group, dim=1)
-            return bias.masked_fill(~present, -INF), attendable
-        return bias.masked_fill(~attendable, -INF), attendable
 
     def _grow(self, needed: int) -> None:
         capacity = -(-max(needed + 1, self.capacity + self.capacity // 8) // GROWTH_CHUNK) * GROWTH_CHUNK
@@ -320,11 +299,11 @@ def _column_scores(q, k, **kwargs) -> Tensor:
     return attention_column_scores_reference(q, k, **kwargs)
 
 
-def _scored_decode(q, k, v, bias, **kwargs) -> tuple[Tensor, Tensor]:
-    """Decode attention over the slots with each slot's score: the Triton kernel on CUDA, else the reference."""
-    if q.is_cuda:
-        reason = scored_decode_supports(q, k, v)
-        if reason is None:
-            return scored_decode_attention(q, k, v, bias, **kwargs)
-        warn_once(f"kvfx: decode attention with scores runs the torch reference ({reason})")
-    return scored_decode_attention_reference(q, k, v, bias, **kwargs)
+def _kernels_run(q: Tensor, k: Tensor, v: Tensor) -> bool:
+    """Whether the decode step runs the Triton kernels (CUDA, supported shapes and dtypes) or the torch reference."""
+    if not q.is_cuda:
+        return False
+    reason = scored_decode_supports(q, k, v)
+    if reason is not None:
+        warn_once(f"kvfx: the eviction decode step runs the torch reference ({reason})")
+    return reason is None

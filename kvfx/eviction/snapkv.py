@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kvfx.eviction.base import INF, EvictionContext, EvictionError, EvictionPolicy
+from kvfx.eviction.base import NEVER, EvictionContext, EvictionError, EvictionPolicy, KeepRule
 
 
 class SnapKV(EvictionPolicy):
@@ -38,9 +38,11 @@ class SnapKV(EvictionPolicy):
         pooled = pool(prefix, kernel_size=self.config.pool, stride=1, padding=self.config.pool // 2)
         return torch.cat([pooled, votes[..., length - window:]], dim=-1)
 
-    def priority(self, pos: Tensor, score: Tensor, ctx: EvictionContext) -> Tensor:
-        window_start = ctx.prompt_end - self.config.window
+    def rule(self, ctx: EvictionContext) -> KeepRule:
+        window_start = torch.full_like(ctx.budget, ctx.prompt_end - self.config.window)
         if ctx.seen == ctx.prompt_end:  # the vote: the observation window stays, the rest by pooled score
-            return torch.where(pos >= window_start, INF, score)
+            return KeepRule(protect_below=torch.zeros_like(window_start), protect_from=window_start, from_seen=False,
+                            by_score=True)
         # decode: the voted prompt tokens stay; the others leave oldest first
-        return torch.where(pos < window_start, INF, pos.to(torch.float32))
+        return KeepRule(protect_below=window_start, protect_from=torch.full_like(window_start, NEVER),
+                        from_seen=False, by_score=False)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kvfx.eviction.base import INF, EvictionContext, EvictionError, EvictionPolicy
+from kvfx.eviction.base import NEVER, EvictionContext, EvictionError, EvictionPolicy, KeepRule
 
 
 class Window(EvictionPolicy):
@@ -19,6 +19,7 @@ class Window(EvictionPolicy):
                                 f"{int(prompt_tokens[budget.argmin()])}-token prompt, which leaves no room beside "
                                 f"the {sink} sink tokens; use a larger budget or fewer sinks")
 
-    def priority(self, pos: Tensor, score: Tensor, ctx: EvictionContext) -> Tensor:
-        sink = pos < (ctx.first_valid.view(-1, 1, 1) + self.config.sink)
-        return torch.where(sink, INF, pos.to(torch.float32))
+    def rule(self, ctx: EvictionContext) -> KeepRule:
+        """The sinks are protected; the others leave oldest first."""
+        return KeepRule(protect_below=ctx.first_valid + self.config.sink,
+                        protect_from=torch.full_like(ctx.budget, NEVER), from_seen=False, by_score=False)
