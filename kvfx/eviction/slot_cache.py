@@ -12,9 +12,10 @@ position fix-up; masks and positional biases (ALiBi) are read at each slot's ori
 - Prefill: attention over the whole prompt happens outside (it is ordinary attention); ``compress_prompt`` scores
   the prompt (if the policy reads scores) and keeps each row's and head's top-``budget`` tokens by priority.
   Padding is never kept.
-- Decode, one token: write it into an empty slot, attend over the slots (the kernel also returns each slot's score
-  contribution, in the same pass over K), then, where a row and head hold more than their budget, empty the slot
-  of lowest priority: O(capacity) per step, no compaction.
+- Decode, one token (``kvfx.kernels.slot_decode``: Triton kernels on CUDA, their torch reference elsewhere): write it
+  into the free slot, attend over the slots (each slot's score contribution comes out of the same pass over K),
+  then, where a row and head hold more than their budget, empty the slot of lowest keep-priority (the policies'
+  rules as tensors): O(capacity) per step, no compaction, no host sync.
 
 A layer may mix policies across its KV heads (``None`` = keep everything; such a layer grows in chunks).
 """
