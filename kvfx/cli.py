@@ -86,6 +86,54 @@ def demo(model_path, spec, text, prompt_tokens, new_tokens, batch, device, compi
     click.echo("kvfx continuation: " + repr(tokenizer.decode(kvfx_out.sequences[0, ids.shape[1]:])[:200]))
 
 
+def _ratio(ctx, param, value):
+    if value is not None and not 0.0 < value < 1.0:
+        raise click.BadParameter(f"must be a fraction in (0, 1), got {value}")
+    return value
+
+
+@main.command("profile-heads")
+@click.argument("model_path", metavar="MODEL", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="The profile JSON to write (spec: evict: {method: razor, profile: ...}).")
+@click.option("--heatmap", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="The heatmap PNG (default: --out with .png).")
+@click.option("--no-heatmap", is_flag=True, help="Do not draw the heatmap.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the random probe tokens.")
+@click.option("--echo-ratio", default=0.01, show_default=True, callback=_ratio,
+              help="Fraction of KV heads chosen by echo score.")
+@click.option("--induction-ratio", default=0.14, show_default=True, callback=_ratio,
+              help="Fraction of KV heads chosen by induction score.")
+@click.option("--length", type=click.IntRange(min=2), default=None,
+              help="Probe length L (default: 2500, or the largest L with 4L + 1 <= max_position_embeddings).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def profile_heads(model_path, out, heatmap, no_heatmap, seed, echo_ratio, induction_ratio, length, device, quiet):
+    """Find MODEL's retrieval heads (RazorAttention's echo and induction scores) and write a profile."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from kvfx.head_profile import ProfileError, plot_profile
+    from kvfx.head_profile import profile_heads as run_profile
+
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    if device == "cuda" and not torch.cuda.is_available():
+        raise click.UsageError("--device cuda: no CUDA device is available here")
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).to(device).eval()
+    try:
+        profile = run_profile(model, model_name=model_path.name, seed=seed, echo_ratio=echo_ratio,
+                              induction_ratio=induction_ratio, length=length, progress=not quiet)
+        profile.save(out)
+        picture = None if no_heatmap else plot_profile(profile, heatmap or out.with_suffix(".png"))
+    except ProfileError as err:
+        raise click.ClickException(str(err)) from None
+    total = profile.num_layers * profile.num_kv_heads
+    chosen = ", ".join(f"L{layer}H{head}" for layer, head in profile.retrieval_heads)
+    click.echo(f"{len(profile.retrieval_heads)} of {total} KV heads are retrieval heads "
+               f"({100 * len(profile.retrieval_heads) / total:.1f}%): {chosen}")
+    click.echo(f"wrote {out}" + (f" and {picture}" if picture else ""))
+
+
 def _cache_bytes(cache) -> int:
     """Bytes of storage the cache's tensors hold (kvfx's views of its handle hold 2 to 4 bytes each)."""
     storages = {}
