@@ -24,7 +24,7 @@ from torch.fx import GraphModule
 
 import kvfx.ops  # noqa: F401  (registers the kvfx custom ops the rewritten graphs call)
 from kvfx.passes.rewrite import RewriteReport, find_attention_sites, kv_heads, prompt_length, rewrite_attention
-from kvfx.plans import check_implemented, check_prompt_budgets, compact_layers, plan, register_plan
+from kvfx.plans import check_implemented, check_profiles, check_prompt_budgets, compact_layers, plan, register_plan
 from kvfx.spec import Spec, SpecError
 
 COMPILERS = ("inductor", "aot_eager", "eager")
@@ -66,6 +66,8 @@ def rewrite_graph(gm: GraphModule, spec: Spec) -> RewriteReport:
     sites = find_attention_sites(gm.graph)
     plan_id = register_plan(spec, len(sites), kv_heads(sites)) if sites else -1
     tokens = prompt_length(sites)
+    if plan_id >= 0:
+        check_profiles(plan(plan_id))
     if plan_id >= 0 and tokens is not None:  # a prefill graph of a known length: budgets can be checked now
         check_prompt_budgets(plan(plan_id), tokens)
     rope_layers = compact_layers(plan(plan_id)) if plan_id >= 0 else frozenset()

@@ -17,6 +17,8 @@ import torch
 from torch import Tensor
 
 from kvfx.eviction import make_policy
+from kvfx.eviction.ragged_cache import RaggedLayerCache
+from kvfx.eviction.razor import retrieval_heads
 from kvfx.eviction.slot_cache import EvictingLayerCache
 from kvfx.kernels.decode_attention import decode_attention, decode_attention_reference, supports
 from kvfx.kernels.prefill_attention import attention_math, prefill_attention
@@ -61,7 +63,7 @@ def attention(
             "cropped or edited outside kvfx (DynamicCache.crop, assisted or contrastive decoding), "
             "which kvfx cannot follow"
         )
-    if isinstance(cache, EvictingLayerCache):
+    if isinstance(cache, (EvictingLayerCache, RaggedLayerCache)):
         return _attend_evicting(cache, q, k_new, v_new, mask, scale, softcap, is_causal, continuing, eager_math,
                                 rope_inv_freq)
     cache.append(k_new, v_new)
@@ -98,8 +100,10 @@ def _layer_cache(state: SequenceState, layer: int, keep_last: int):
     """The layer's cache, made on first use: a full cache, or an evicting one if any KV head's policy evicts."""
     cache = state.layers.get(layer)
     if cache is None:
-        policies = [make_policy(policy.evict) for policy in plan(state.plan_id).layer_policies(layer)]
-        if any(policies):
+        evicts = [policy.evict for policy in plan(state.plan_id).layer_policies(layer)]
+        if any(e.method == "razor" for e in evicts):
+            cache = _razor_cache(layer, evicts, keep_last)
+        elif any(policies := [make_policy(e) for e in evicts]):
             cache = EvictingLayerCache(layer, policies, keep_last)
         else:
             cache = LayerCache(keep_last)
@@ -107,7 +111,22 @@ def _layer_cache(state: SequenceState, layer: int, keep_last: int):
     return cache
 
 
-def _attend_evicting(cache: EvictingLayerCache, q, k_new, v_new, mask, scale, softcap, is_causal, continuing,
+def _razor_cache(layer: int, evicts, keep_last: int) -> RaggedLayerCache:
+    """RazorAttention's head-wise cache: retrieval heads (from the profile) and ``method: none`` heads keep
+    everything, the other heads sinks + window + a compensation token."""
+    razor = {e.describe(): e for e in evicts if e.method == "razor"}
+    others = sorted({e.method for e in evicts} - {"razor", "none"})
+    if others or len(razor) > 1:
+        raise KvfxCacheError(f"layer {layer}: razor's KV heads share one layout, so a layer takes one razor config "
+                             f"and no other eviction method (got {', '.join(sorted(razor))}"
+                             f"{', ' + ', '.join(others) if others else ''}); use per-layer overrides")
+    config = next(iter(razor.values()))
+    chosen = retrieval_heads(config)
+    keep_all = [e.method == "none" or (layer, head) in chosen for head, e in enumerate(evicts)]
+    return RaggedLayerCache(layer, keep_all, config, keep_last)
+
+
+def _attend_evicting(cache: EvictingLayerCache | RaggedLayerCache, q, k_new, v_new, mask, scale, softcap, is_causal, continuing,
                      eager_math, rope_inv_freq):
     if not continuing:  # the prompt: ordinary attention over all of it, then keep the policy's budget
         out = _attend(q, k_new, v_new, mask, scale, softcap, is_causal, eager_math)

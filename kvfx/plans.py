@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from kvfx.spec import Plan, Spec, SpecError
 
-IMPLEMENTED = {"evict": {"none", "window", "h2o", "keyformer", "snapkv"}, "quantize": {"none"}}
+IMPLEMENTED = {"evict": {"none", "window", "h2o", "keyformer", "snapkv", "razor"}, "quantize": {"none"}}
 
 _PLANS: list[Plan] = []
 
@@ -37,6 +37,19 @@ def check_prompt_budgets(resolved: Plan, prompt_tokens: int) -> None:
                     f"larger than the {prompt_tokens}-token prompt this graph was compiled for: nothing would be "
                     "evicted; use a smaller budget or a fraction of the prompt"
                 )
+
+
+def check_profiles(resolved: Plan) -> None:
+    """Raise a SpecError unless every razor policy's retrieval-head profile exists, is valid, and fits the model."""
+    from kvfx.eviction.razor import check_profile
+    from kvfx.head_profile import ProfileError
+
+    configs = {p.evict.describe(): p.evict for row in resolved.policies for p in row if p.evict.method == "razor"}
+    for config in configs.values():
+        try:
+            check_profile(config, resolved.num_layers, resolved.num_kv_heads)
+        except ProfileError as err:
+            raise SpecError(f"{resolved.source or '<spec>'}: evict.profile: {err}") from None
 
 
 def compact_layers(resolved: Plan) -> frozenset[int]:
