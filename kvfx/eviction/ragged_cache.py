@@ -15,7 +15,6 @@ compensation means. Retrieval regions hold position p at slot p and grow in chun
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
@@ -23,10 +22,9 @@ from torch import Tensor
 
 from kvfx.eviction.base import EvictionError
 from kvfx.eviction.razor import window_size
-from kvfx.eviction.slot_cache import _real_columns
+from kvfx.eviction.layer_inputs import check_decode_batch, decode_mask_row, real_columns
 from kvfx.kernels import ragged_decode_attention as _ragged
 from kvfx.notices import warn_once
-from kvfx.state import KvfxCacheError
 
 GROWTH_CHUNK = 64
 
@@ -92,7 +90,7 @@ class RaggedLayerCache:
         self.seen = t
         self.keep_dev = self.keep_all.to(dev)
         self.others = (~self.keep_all).nonzero().flatten().to(dev)  # the non-retrieval KV heads
-        valid = _real_columns(mask, b, t, dev, sliding=self.keep_last > 0)  # [B, T]
+        valid = real_columns(mask, b, t, dev, sliding=self.keep_last > 0)  # [B, T]
         self.sinks_filled = valid.sum(-1).clamp(max=self.sink)  # [B] real tokens in the sink slots
         rank = valid.long().cumsum(-1) - 1  # among real tokens
         position = torch.arange(t, device=dev).expand(b, t)
@@ -143,10 +141,7 @@ class RaggedLayerCache:
         if self.k is None:
             raise EvictionError(f"layer {self.layer}: decode before the prompt")
         b, h = self.lengths.shape
-        if tuple(k_new.shape[:2]) != (b, h):
-            raise KvfxCacheError(
-                f"layer {self.layer}: new keys of shape {tuple(k_new.shape)} do not fit the cache of {b} rows x {h} "
-                "KV heads: the batch changed under kvfx (beam search and cache reordering are not supported)")
+        check_decode_batch(self.layer, k_new, b, h)
         position = self.seen
         if self.keep_all.any() and position >= self.full:
             self._grow(position + 1)
@@ -170,10 +165,7 @@ class RaggedLayerCache:
         self.seen += 1
         self.lengths = torch.where(self.keep_dev, self.seen, self.lengths)
 
-        row, masked_below = None, -math.inf
-        if mask is not None:
-            row = mask[:, :, -1, :]
-            masked_below = -math.inf if row.dtype == torch.bool else torch.finfo(row.dtype).min / 2
+        row, masked_below = decode_mask_row(mask)
         args = (q[:, :, 0], self.k, self.v, self.pos, self.offsets, self.lengths, self.comp_k.to(q.dtype),
                 self.comp_v.to(q.dtype), self.comp_n)
         kwargs = dict(scale=scale, softcap=softcap, mask_row=row,

@@ -28,13 +28,13 @@ import torch
 from torch import Tensor
 
 from kvfx.eviction.base import INF, NEVER, EvictionContext, EvictionError, EvictionPolicy
+from kvfx.eviction.layer_inputs import attendable_columns, check_decode_batch, decode_mask_row, real_columns
 from kvfx.kernels.attention_scores import attention_column_scores, attention_column_scores_reference
 from kvfx.kernels.attention_scores import supports as column_scores_supports
 from kvfx.kernels.scored_decode_attention import GumbelScores
 from kvfx.kernels.scored_decode_attention import supports as scored_decode_supports
 from kvfx.kernels.slot_decode import EvictionRule, SlotStore, slot_decode_step, slot_decode_step_reference
 from kvfx.kernels.slot_decode import write_slot, write_slot_reference
-from kvfx.state import KvfxCacheError
 from kvfx.notices import warn_once
 
 GROWTH_CHUNK = 64  # slots added at a time to a layer whose heads keep everything
@@ -119,8 +119,8 @@ class EvictingLayerCache:
         if self.k is not None:
             raise EvictionError(f"layer {self.layer}: the prompt was already written to this cache")
         b, h, t, d = k.shape
-        valid = _real_columns(mask, b, t, k.device, sliding=self.keep_last > 0)  # [B, T]: not padding
-        attendable = _attendable_columns(mask, b, t, k.device)  # [B, T]: the last query can still see it
+        valid = real_columns(mask, b, t, k.device, sliding=self.keep_last > 0)  # [B, T]: not padding
+        attendable = attendable_columns(mask, b, t, k.device)  # [B, T]: the last query can still see it
         self.first_valid = valid.to(torch.int8).argmax(dim=-1)
         prompt_tokens = valid.sum(dim=-1)
         self.prompt_end = self.seen = t
@@ -180,11 +180,7 @@ class EvictingLayerCache:
         if self.k is None:
             raise EvictionError(f"layer {self.layer}: decode before the prompt")
         b, h = self.live.shape
-        if tuple(k_new.shape[:2]) != (b, h):
-            raise KvfxCacheError(
-                f"layer {self.layer}: new keys of shape {tuple(k_new.shape)} do not fit the cache of {b} rows x {h} "
-                "KV heads: the batch changed under kvfx (beam search and cache reordering are not supported)"
-            )
+        check_decode_batch(self.layer, k_new, b, h)
         if self.unbounded and self.seen >= self.capacity:
             self._grow(self.seen + 1)
         store = SlotStore(self.k, self.v, self.pos, self.score, self.live, self.free)
@@ -198,10 +194,7 @@ class EvictingLayerCache:
         keys = None
         if self.compact_heads is not None:
             query, keys = self._compact_positions(query, inv_freq)
-        row, masked_below = None, -INF
-        if mask is not None:
-            row = mask[:, :, -1, :]  # [B|1, 1|Hq, Tk]: the new query's row
-            masked_below = -INF if row.dtype == torch.bool else torch.finfo(row.dtype).min / 2
+        row, masked_below = decode_mask_row(mask)
         step = slot_decode_step if fast else slot_decode_step_reference
         out = step(query, store, self.rule, seen=self.seen, scale=scale, softcap=softcap, mask_row=row,
                    mask_offset=self.seen - (0 if mask is None else mask.shape[-1]), masked_below=masked_below,
@@ -267,27 +260,6 @@ def rotate(x: Tensor, shift: Tensor, inv_freq: Tensor) -> Tensor:
     cos, sin = torch.cos(angle), torch.sin(angle)
     first, second = x.float().chunk(2, dim=-1)
     return torch.cat([first * cos - second * sin, second * cos + first * sin], dim=-1).to(x.dtype)
-
-
-def _real_columns(mask: Tensor | None, batch: int, length: int, device, *, sliding: bool) -> Tensor:
-    """``[B, T]``: which prompt positions are real tokens rather than padding. Padding is masked for every query;
-    in a sliding-window layer the last query also misses the tokens before its window, so every row is read."""
-    if not sliding:
-        return _attendable_columns(mask, batch, length, device)
-    if mask is None:
-        return torch.ones(batch, length, dtype=torch.bool, device=device)
-    seen = mask[:, 0] if mask.dtype == torch.bool else mask[:, 0] > torch.finfo(mask.dtype).min / 2
-    return seen.any(dim=-2).expand(batch, length)
-
-
-def _attendable_columns(mask: Tensor | None, batch: int, length: int, device) -> Tensor:
-    """``[B, T]``: which prompt positions the last prompt query may attend (False = padding)."""
-    if mask is None:
-        return torch.ones(batch, length, dtype=torch.bool, device=device)
-    last = mask[:, 0, -1, :]
-    if last.dtype != torch.bool:
-        last = last > torch.finfo(last.dtype).min / 2
-    return last.expand(batch, length)
 
 
 def _column_scores(q, k, **kwargs) -> Tensor:
