@@ -126,8 +126,8 @@ def _razor_cache(layer: int, evicts, keep_last: int) -> RaggedLayerCache:
     return RaggedLayerCache(layer, keep_all, config, keep_last)
 
 
-def _attend_evicting(cache: EvictingLayerCache | RaggedLayerCache, q, k_new, v_new, mask, scale, softcap, is_causal, continuing,
-                     eager_math, rope_inv_freq):
+def _attend_evicting(cache: EvictingLayerCache | RaggedLayerCache, q, k_new, v_new, mask, scale, softcap, is_causal,
+                     continuing, eager_math, rope_inv_freq):
     if not continuing:  # the prompt: ordinary attention over all of it, then keep the policy's budget
         out = _attend(q, k_new, v_new, mask, scale, softcap, is_causal, eager_math)
         cache.compress_prompt(q, k_new, v_new, mask, scale=scale, softcap=softcap, is_causal=is_causal)
