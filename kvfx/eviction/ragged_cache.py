@@ -101,7 +101,7 @@ class RaggedLayerCache:
         slot = torch.where(is_sink, rank, torch.where(in_window, self.sink + position % self.window, region))
 
         caps = self.capacities(t)
-        self.offsets = torch.tensor([0] + caps[:-1], dtype=torch.long, device=dev).cumsum(0)  # [Hkv]
+        self.offsets = _offsets(caps, dev)
         total = sum(caps)
         self.k = k.new_zeros(b, total, d)
         self.v = v.new_zeros(b, total, dv)
@@ -111,6 +111,8 @@ class RaggedLayerCache:
         self.comp_v = torch.zeros(b, h, dv, device=dev)
         self.comp_n = torch.zeros(b, h, device=dev)
         self.full = t  # slots of a retrieval head's region
+        dropped_count = dropped.sum(-1).float()  # [B]: the same tokens leave every non-retrieval head
+        dropped_weights = dropped.float() / dropped_count.clamp_min(1)[:, None]  # [B, T]: their mean
         for head, keep in enumerate(self.keep_all.tolist()):
             start = int(self.offsets[head])
             if keep:
@@ -127,11 +129,9 @@ class RaggedLayerCache:
             self.v[:, start:start + region] = v_region[:, :region]
             self.pos[:, start:start + region] = p_region[:, :region]
             if self.compensate:
-                count = dropped.sum(-1).float()  # [B]
-                weights = dropped.float() / count.clamp_min(1)[:, None]
-                self.comp_k[:, head] = torch.einsum("bt,btd->bd", weights, k[:, head].float())
-                self.comp_v[:, head] = torch.einsum("bt,btd->bd", weights, v[:, head].float())
-                self.comp_n[:, head] = count
+                self.comp_k[:, head] = torch.einsum("bt,btd->bd", dropped_weights, k[:, head].float())
+                self.comp_v[:, head] = torch.einsum("bt,btd->bd", dropped_weights, v[:, head].float())
+                self.comp_n[:, head] = dropped_count
 
     # ---- decode ---------------------------------------------------------------------------------
 
@@ -172,7 +172,7 @@ class RaggedLayerCache:
                       mask_offset=self.seen - (0 if mask is None else mask.shape[-1]), masked_below=masked_below)
         out = None
         if q.is_cuda:
-            reason = _ragged.supports(q[:, :, 0], self.k, self.v) if hasattr(_ragged, "supports") else "no kernel"
+            reason = _ragged.supports(q[:, :, 0], self.k, self.v)
             if reason is None:
                 out = _ragged.ragged_decode_attention(*args, **kwargs, max_length=self._max_length())
             else:
@@ -196,7 +196,7 @@ class RaggedLayerCache:
         caps = self.capacities(full)
         b, _, d = self.k.shape
         dev = self.k.device
-        offsets = torch.tensor([0] + caps[:-1], dtype=torch.long, device=dev).cumsum(0)
+        offsets = _offsets(caps, dev)
         k = self.k.new_zeros(b, sum(caps), d)
         v = self.v.new_zeros(b, sum(caps), self.v.shape[-1])
         pos = self.pos.new_full((b, sum(caps)), -1)
@@ -207,3 +207,8 @@ class RaggedLayerCache:
             v[:, new:new + n] = self.v[:, old:end]
             pos[:, new:new + n] = self.pos[:, old:end]
         self.k, self.v, self.pos, self.offsets, self.full = k, v, pos, offsets, full
+
+
+def _offsets(capacities: list[int], device) -> Tensor:
+    """``[Hkv]``: where each head's region starts in the flat buffer (regions in head order)."""
+    return torch.tensor([0] + capacities[:-1], dtype=torch.long, device=device).cumsum(0)
