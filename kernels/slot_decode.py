@@ -102,8 +102,9 @@ def slot_bias(pos: Tensor, row: Tensor | None, offset: int, masked_below: float,
     b, h, c = pos.shape
     column = pos - offset
     present = (pos >= 0) & (column >= 0)
-    if row is None:
-        return torch.zeros(b, h, c, device=pos.device).masked_fill(~present, -INF)
+    if row is None:  # per query head: a KV head's slots, for each of its query heads
+        bias = torch.zeros(b, h, c, device=pos.device).masked_fill(~present, -INF)
+        return bias.repeat_interleave(query_heads // h, dim=1) if h > 1 else bias
     tk = row.shape[-1]
     heads = row.shape[1]
     index = column.clamp(0, tk - 1)

@@ -62,6 +62,7 @@ from kvfx.bench_models import (
     load_model,
     weight_bytes_read,
 )
+from kvfx.evaluate import find_spec_error
 
 KINDS = ("dynamic", "static", "quanto", "kvfx")
 POLICIES = ("window", "h2o", "keyformer", "snapkv", "razor", "kivi", "gear")
@@ -474,24 +475,11 @@ def _skip_reason(config: BenchConfig, workload: Workload, model, device: torch.d
 
 def _describe_failure(error: BaseException) -> tuple[str, str, str | None]:
     """``(status, message, traceback)``: a kvfx SpecError raised while compiling is a skip, anything else an error."""
-    spec_error = _spec_error(error)
+    spec_error = find_spec_error(error)
     if spec_error is not None:
         return "skipped", str(spec_error).splitlines()[0], None
     return ("error", f"{type(error).__name__}: {error}".splitlines()[0],
             "".join(traceback.format_exception(error)[-12:]))
-
-
-def _spec_error(error: BaseException):
-    """The kvfx SpecError behind a compile error (dynamo wraps backend errors), or None."""
-    from kvfx.spec import SpecError
-
-    seen = set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        if isinstance(error, SpecError):
-            return error
-        error = getattr(error, "inner_exception", None) or error.__cause__ or error.__context__
-    return None
 
 
 def _add_derived(row: dict, model, workload: Workload, new_tokens: int, bandwidth: float, info: dict) -> None:

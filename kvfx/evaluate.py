@@ -42,6 +42,7 @@ __all__ = [
     "passkey_cases",
     "passkey_retrieval",
     "evaluate_specs",
+    "find_spec_error",
     "write_table",
     "plot_quality",
 ]
@@ -229,7 +230,7 @@ def passkey_retrieval(model, tokenizer, haystack_text: str, depths: Sequence[flo
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _find_spec_error(error: BaseException) -> SpecError | None:
+def find_spec_error(error: BaseException) -> SpecError | None:
     """The SpecError behind ``error``: dynamo wraps backend errors (BackendCompilerFailed, ``inner_exception``)."""
     seen = set()
     while error is not None and id(error) not in seen:
@@ -312,7 +313,7 @@ def evaluate_specs(model_path: str | Path, specs: Mapping[str, Any], text_path: 
                                          continuation_tokens, text, passkey_length, depths, seed, max_new_tokens,
                                          step=lambda *_: bar.update()))
             except Exception as error:  # noqa: BLE001 - one bad spec must not end a long sweep
-                spec_error = _find_spec_error(error)
+                spec_error = find_spec_error(error)
                 if spec_error is not None:
                     row.update(status="skipped", message=str(spec_error).splitlines()[0])
                 else:

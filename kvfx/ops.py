@@ -24,6 +24,8 @@ from kvfx.kernels.decode_attention import decode_attention, decode_attention_ref
 from kvfx.kernels.prefill_attention import attention_math, prefill_attention
 from kvfx.notices import warn_once
 from kvfx.plans import plan
+from kvfx.quantization import QuantizedLayerCache, make_quantized_cache
+from kvfx.quantization.evicting import QuantizedEvictingLayerCache
 from kvfx.state import REGISTRY, KvfxCacheError, LayerCache, SequenceState
 
 
@@ -63,9 +65,9 @@ def attention(
             "cropped or edited outside kvfx (DynamicCache.crop, assisted or contrastive decoding), "
             "which kvfx cannot follow"
         )
-    if isinstance(cache, (EvictingLayerCache, RaggedLayerCache)):
-        return _attend_evicting(cache, q, k_new, v_new, mask, scale, softcap, is_causal, continuing, eager_math,
-                                rope_inv_freq)
+    if isinstance(cache, (EvictingLayerCache, RaggedLayerCache, QuantizedLayerCache)):
+        return _attend_compressing(cache, q, k_new, v_new, mask, scale, softcap, is_causal, continuing, eager_math,
+                                   rope_inv_freq)
     cache.append(k_new, v_new)
     keys, values = cache.keys(), cache.values()  # [B, Hkv, T, D] views of kvfx's storage
     if mask is not None and mask.shape[-1] != keys.shape[-2]:
@@ -97,11 +99,15 @@ begin_sequence.register_autograd(_no_backward, setup_context=_mark_inference_onl
 
 
 def _layer_cache(state: SequenceState, layer: int, keep_last: int):
-    """The layer's cache, made on first use: a full cache, or an evicting one if any KV head's policy evicts."""
+    """The layer's cache, made on first use: a full cache, a quantized one if its KV heads quantize, or an evicting
+    one if any KV head's policy evicts."""
     cache = state.layers.get(layer)
     if cache is None:
-        evicts = [policy.evict for policy in plan(state.plan_id).layer_policies(layer)]
-        if any(e.method == "razor" for e in evicts):
+        policies = plan(state.plan_id).layer_policies(layer)
+        evicts = [policy.evict for policy in policies]
+        if any(policy.quantize.method != "none" for policy in policies):
+            cache = _quantized_cache(layer, policies, keep_last)
+        elif any(e.method == "razor" for e in evicts):
             cache = _razor_cache(layer, evicts, keep_last)
         elif any(policies := [make_policy(e) for e in evicts]):
             cache = EvictingLayerCache(layer, policies, keep_last)
@@ -126,15 +132,37 @@ def _razor_cache(layer: int, evicts, keep_last: int) -> RaggedLayerCache:
     return RaggedLayerCache(layer, keep_all, config, keep_last)
 
 
-def _attend_evicting(cache: EvictingLayerCache | RaggedLayerCache, q, k_new, v_new, mask, scale, softcap, is_causal,
-                     continuing, eager_math, rope_inv_freq):
-    if not continuing:  # the prompt: ordinary attention over all of it, then keep the policy's budget
+def _quantized_cache(layer: int, policies, keep_last: int) -> QuantizedLayerCache | QuantizedEvictingLayerCache:
+    """A layer whose KV heads quantize: one quantize config for all of them; with eviction on some heads, the
+    evicting cache over quantized slots."""
+    evicting = any(policy.evict.method != "none" for policy in policies)
+    heads_by_config: dict[str, list[int]] = {}
+    for head, policy in enumerate(policies):
+        heads_by_config.setdefault(policy.quantize.describe(), []).append(head)
+    if len(heads_by_config) > 1:
+        found = "; ".join(f"{config} on KV heads {heads}" for config, heads in heads_by_config.items())
+        raise KvfxCacheError(f"layer {layer}: a quantized layer takes one quantize config for all its KV heads, got "
+                             f"{found}; quantize whole layers (per-layer overrides)")
+    config = policies[0].quantize
+    quantized = make_quantized_cache(layer, config, keep_last if not evicting else 0)
+    if not evicting:
+        return quantized
+    if any(policy.evict.method == "razor" for policy in policies):
+        raise KvfxCacheError(f"layer {layer}: razor combined with quantization ({config.describe()}) is not "
+                             "supported yet; use razor or quantization on this layer, not both (per-layer overrides)")
+    return QuantizedEvictingLayerCache(layer, [make_policy(p.evict) for p in policies], quantized, keep_last)
+
+
+def _attend_compressing(cache: EvictingLayerCache | RaggedLayerCache | QuantizedLayerCache, q, k_new, v_new, mask,
+                        scale, softcap, is_causal, continuing, eager_math, rope_inv_freq):
+    """A compressing cache's step: the prompt is attended in full then compressed; a decode step is the cache's."""
+    if not continuing:  # the prompt: ordinary attention over all of it, then the cache keeps its compressed form
         out = _attend(q, k_new, v_new, mask, scale, softcap, is_causal, eager_math)
         cache.compress_prompt(q, k_new, v_new, mask, scale=scale, softcap=softcap, is_causal=is_causal)
         return out.contiguous()
     if q.shape[2] != 1:
         raise KvfxCacheError(
-            f"layer {cache.layer}: {q.shape[2]} new tokens in one step after the prompt; eviction policies take one "
+            f"layer {cache.layer}: {q.shape[2]} new tokens in one step after the prompt; compressed caches take one "
             "token per decode step (chunked prefill, assisted and speculative decoding are not supported)"
         )
     return cache.decode(q, k_new, v_new, mask, scale=scale, softcap=softcap, inv_freq=rope_inv_freq).contiguous()

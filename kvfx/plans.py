@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from kvfx.spec import Plan, Spec, SpecError
 
-IMPLEMENTED = {"evict": {"none", "window", "h2o", "keyformer", "snapkv", "razor"}, "quantize": {"none"}}
+IMPLEMENTED = {"evict": {"none", "window", "h2o", "keyformer", "snapkv", "razor"},
+               "quantize": {"none", "kivi", "gear"}}
 
 _PLANS: list[Plan] = []
 

@@ -155,3 +155,19 @@ def test_a_snapkv_budget_not_above_its_window_is_an_error():
 def test_two_scoring_policies_in_one_layer_are_refused():
     with pytest.raises(EvictionError, match="KV heads of one layer use different attention scores"):
         EvictingLayerCache(3, [make_policy(EvictH2O()), make_policy(EvictKeyformer())])
+
+
+def test_decode_without_a_mask_attends_every_kept_slot():
+    """No mask (a model that passes none) is the same as a mask allowing every token (was NaN with GQA)."""
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = torch.randn(1, 4, 41, 16, generator=gen), torch.randn(1, 2, 41, 16, generator=gen), \
+        torch.randn(1, 2, 41, 16, generator=gen)
+    everything = torch.ones(1, 1, 41, 41, dtype=torch.bool).tril()
+    outs = []
+    for prompt_mask, step_mask in ((None, None), (everything[..., :40, :40], everything[..., 40:, :])):
+        cache = EvictingLayerCache(0, [make_policy(EvictH2O(budget=0.5))] * 2)
+        cache.compress_prompt(q[:, :, :40], k[:, :, :40], v[:, :, :40], prompt_mask, scale=0.25, softcap=0.0,
+                              is_causal=prompt_mask is None)
+        outs.append(cache.decode(q[:, :, 40:], k[:, :, 40:], v[:, :, 40:], step_mask, scale=0.25, softcap=0.0))
+    assert not outs[0].isnan().any()
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-6, rtol=1e-6)

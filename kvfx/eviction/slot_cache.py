@@ -197,7 +197,7 @@ class EvictingLayerCache:
         row, masked_below = decode_mask_row(mask)
         step = slot_decode_step if fast else slot_decode_step_reference
         out = step(query, store, self.rule, seen=self.seen, scale=scale, softcap=softcap, mask_row=row,
-                   mask_offset=self.seen - (0 if mask is None else mask.shape[-1]), masked_below=masked_below,
+                   mask_offset=0 if mask is None else self.seen - mask.shape[-1], masked_below=masked_below,
                    gumbel=self.scorer.gumbel(self._context(self.scorer, [])) if self.scorer is not None else None,
                    qpos=self.qpos, accumulate=self.scorer is not None, keys=keys)
         return out.unsqueeze(2)

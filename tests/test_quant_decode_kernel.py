@@ -1,0 +1,411 @@
+"""Decode attention over a quantized cache (kvfx.kernels.quant_decode_attention): kernel == dequantize-then-attend.
+
+CPU: the kernels under the Triton interpreter (float32 dequantization and dots); GPU (``pytest -m gpu``): compiled,
+with the PTX float16 dequantization.  Each case quantizes random keys and values (keys and values quantized up to
+different points, as KIVI does, with stale codes and residual rows past the live ones that must not be read), adds
+residual tokens in q's dtype, a mask (none, bool, float) and optionally GEAR terms (two low-rank segments of
+different rank, outliers), and compares with the float32 reference on the same stored tensors:
+    max |kernel - ref| <= tol * max |ref|
+  float32 1e-5 (interpreted: float32 everywhere, only summation order differs; observed ~1e-6);
+  bfloat16 8e-3 (output rounding 2^-9 relative, doubled, and on the GPU the float16 dequantized tiles and
+  softmax weights, 2^-11 each); float16 2e-3 (output rounding 2^-11, the same float16 tiles and weights).
+The PTX itself is checked on the CPU by emulating its instructions bit for bit.
+"""
+
+import math
+import os
+import re
+import sys
+
+import numpy as np
+import torch
+
+if not torch.cuda.is_available() and "triton" not in sys.modules:
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+import kvfx.kernels.quant_decode_attention as qda  # noqa: E402
+from kvfx.kernels.decode_attention import decode_attention_reference, triton_interpreting  # noqa: E402
+from kvfx.kernels.gear import GearTerms, concat_compressed, gear_compress_reference  # noqa: E402
+from kvfx.kernels.quant_decode_attention import (  # noqa: E402
+    kv_bytes,
+    quant_decode_attention,
+    quant_decode_attention_reference,
+    supports,
+)
+from kvfx.kernels.quant_pack import (  # noqa: E402
+    Quantized,
+    dequantize,
+    offset_bias,
+    quantize,
+    quantize_reference,
+    unpack_codes,
+)
+
+TOL = {torch.float32: 1e-5, torch.bfloat16: 8e-3, torch.float16: 2e-3}
+SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
+
+
+def _with_stale_rows(qt: Quantized, extra: int, gen) -> Quantized:
+    """The same cache with ``extra`` more token rows of garbage codes and parameters (capacity past the live
+    tokens): a kernel that reads them gives a wrong answer."""
+    if extra == 0:
+        return qt
+    rows = extra if qt.kind == "values" else extra // qt.group
+    junk = lambda t, n: torch.randint(-2**31, 2**31 - 1, (*t.shape[:2], n, t.shape[3]), generator=gen,  # noqa: E731
+                                      dtype=torch.int64).to(t.dtype) if t.dtype == torch.int32 else \
+        (1e3 * torch.rand(*t.shape[:2], n, t.shape[3], generator=gen)).to(t.dtype)
+    return Quantized(torch.cat([qt.codes, junk(qt.codes, extra)], 2), torch.cat([qt.scale, junk(qt.scale, rows)], 2),
+                     torch.cat([qt.offset, junk(qt.offset, rows)], 2), qt.bits, qt.group, qt.kind)
+
+
+def _gear_part(x, kind, bits, group, lr_block, rank, outliers):
+    return gear_compress_reference(x, kind, bits, group, rank, outliers, lr_block=lr_block)
+
+
+def _case(seed, *, B=1, Hkv=2, G=2, D=32, Dv=32, kbits=4, vbits=4, kgroup=16, vgroup=16, nqk=64, nqv=48,
+          kv_len=80, dtype=torch.float32, mask_kind="none", softcap=0.0, gear=False, lr_block=32, outliers=0.2,
+          device="cpu"):
+    """(args, kwargs) of quant_decode_attention; GEAR: the quantized part in two separately compressed segments."""
+    gen = torch.Generator().manual_seed(seed)
+    xk = torch.randn(B, Hkv, kv_len, D, generator=gen)
+    xv = torch.randn(B, Hkv, kv_len, Dv, generator=gen)
+    xk[..., :3] += 4.0  # outlier channels, as real keys have
+    if gear:  # two segments (prompt, then a block), rank 4 and 2, the boundary on a multiple of lr_block
+        def compress(x, n, kind, bits, group):
+            cut = (n // 2) // lr_block * lr_block
+            cut = cut - cut % group if kind == "keys" else cut
+            if cut == 0 or cut == n:
+                return _gear_part(x[:, :, :n], kind, bits, group, lr_block, 4, outliers)
+            return concat_compressed([_gear_part(x[:, :, :cut], kind, bits, group, lr_block, 4, outliers),
+                                      _gear_part(x[:, :, cut:n], kind, bits, group, lr_block, 2, outliers)])
+        keys, k_gear = compress(xk, nqk, "keys", kbits, kgroup)
+        values, v_gear = compress(xv, nqv, "values", vbits, vgroup)
+    else:
+        keys, k_gear = quantize_reference(xk[:, :, :nqk], "keys", kbits, kgroup), None
+        values, v_gear = quantize_reference(xv[:, :, :nqv], "values", vbits, vgroup), None
+        keys = _with_stale_rows(keys, kgroup, gen)
+        values = _with_stale_rows(values, 3, gen)
+    stale = 5  # residual rows past kv_len: garbage that must not be read
+    k_res = torch.cat([xk[:, :, nqk:], 1e4 * torch.ones(B, Hkv, stale, D)], 2).to(dtype)
+    v_res = torch.cat([xv[:, :, nqv:], 1e4 * torch.ones(B, Hkv, stale, Dv)], 2).to(dtype)
+    q = (torch.randn(B, Hkv * G, D, generator=gen) * 1.5).to(dtype)
+    mask = None
+    if mask_kind == "bool":
+        mask = torch.rand(B, kv_len, generator=gen) > 0.3
+        mask[:, -1] = True
+    elif mask_kind == "float":
+        mask = torch.where(torch.rand(B, kv_len, generator=gen) > 0.3, -2.0 * torch.rand(B, kv_len, generator=gen),
+                           torch.finfo(torch.float32).min)
+        mask[:, -1] = 0.0
+        mask = mask.to(dtype)
+    mv = lambda t: None if t is None else t.to(device)  # noqa: E731
+    mq = lambda qt: Quantized(qt.codes.to(device), qt.scale.to(device), qt.offset.to(device), qt.bits,  # noqa: E731
+                              qt.group, qt.kind)
+    mg = lambda g: None if g is None else GearTerms(mv(g.lr_a), mv(g.lr_b), mv(g.lr_seg), g.lr_block,  # noqa: E731
+                                                   mv(g.out_idx), mv(g.out_val))
+    args = (q.to(device), mq(keys), mq(values), k_res.to(device), v_res.to(device))
+    kwargs = dict(k_quantized=nqk, v_quantized=nqv, kv_len=kv_len, mask=mv(mask), softcap=softcap,
+                  scale=D**-0.5 * 1.3, k_gear=mg(k_gear), v_gear=mg(v_gear))
+    return args, kwargs
+
+
+def _reference(args, kwargs):
+    q, keys, values, k_res, v_res = args
+    kw = dict(kwargs)
+    if kw["mask"] is not None and kw["mask"].is_floating_point():
+        kw["mask"] = kw["mask"].float()
+    return quant_decode_attention_reference(q.float(), keys, values, k_res.float(), v_res.float(), **kw)
+
+
+def _check(out, ref, dtype, what=""):
+    assert out.dtype == dtype and out.shape == ref.shape
+    assert torch.isfinite(ref).all() and torch.isfinite(out.float()).all()
+    err = (out.float() - ref.float()).abs().max().item()
+    bound = TOL[dtype] * max(ref.float().abs().max().item(), 1e-6)
+    assert err <= bound, f"{what}: max err {err:.3g} > {bound:.3g}"
+
+
+# --------------------------------------------------------------------------------------
+# CPU (interpreter)
+# --------------------------------------------------------------------------------------
+
+
+@settings(max_examples=25, **SETTINGS)
+@given(
+    kbits=st.sampled_from([2, 4, 8]),
+    vbits=st.sampled_from([2, 4, 8]),
+    kgroup=st.sampled_from([16, 32, 64]),
+    vgroup=st.sampled_from([8, 16, 32]),
+    G=st.sampled_from([1, 2, 3]),
+    D=st.sampled_from([16, 32]),
+    nq=st.tuples(st.integers(0, 3), st.integers(0, 70)),
+    res=st.integers(0, 20),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+    mask_kind=st.sampled_from(["none", "bool", "float"]),
+    softcap=st.sampled_from([0.0, 0.0, 5.0]),
+    num_splits=st.sampled_from([1, 2, 3]),
+    seed=st.integers(0, 2**16),
+)
+def test_kernel_equals_reference(kbits, vbits, kgroup, vgroup, G, D, nq, res, dtype, mask_kind, softcap, num_splits,
+                                 seed):
+    vgroup = max(vgroup, 32 // vbits)  # a word of value codes stays in one group
+    vgroup = min(vgroup, D)
+    nqk = nq[0] * kgroup
+    nqv = nq[1]
+    kv_len = max(nqk, nqv) + res
+    if kv_len == 0:
+        kv_len, nqv = 1, 0
+    args, kwargs = _case(seed, B=1, Hkv=2, G=G, D=D, Dv=D, kbits=kbits, vbits=vbits, kgroup=kgroup, vgroup=vgroup,
+                         nqk=nqk, nqv=nqv, kv_len=kv_len, dtype=dtype, mask_kind=mask_kind, softcap=softcap)
+    _check(quant_decode_attention(*args, **kwargs, num_splits=num_splits), _reference(args, kwargs), dtype)
+
+
+@settings(max_examples=8, **SETTINGS)
+@given(bits=st.sampled_from([2, 4]), kgroup=st.sampled_from([16, 32]), lr_block=st.sampled_from([16, 32]),
+       mask_kind=st.sampled_from(["none", "bool"]), num_splits=st.sampled_from([1, 3]), seed=st.integers(0, 2**16))
+def test_gear_kernel_equals_reference(bits, kgroup, lr_block, mask_kind, num_splits, seed):
+    """Low-rank terms over two segments of different rank and outliers on both sides, plus residual tokens."""
+    args, kwargs = _case(seed, B=1, Hkv=1, G=2, D=32, Dv=32, kbits=bits, vbits=bits, kgroup=kgroup, vgroup=16,
+                         nqk=64, nqv=64, kv_len=70, mask_kind=mask_kind, gear=True, lr_block=lr_block)
+    k_gear, v_gear = kwargs["k_gear"], kwargs["v_gear"]
+    assert k_gear.lr_b.shape[2] == 2 and k_gear.n_out > 0 and v_gear.n_out > 0  # the case has every term
+    ref = _reference(args, kwargs)
+    _check(quant_decode_attention(*args, **kwargs, num_splits=num_splits), ref, torch.float32)
+    plain = quant_decode_attention_reference(*args, **{**kwargs, "k_gear": None, "v_gear": None})
+    assert (plain - ref).abs().max() > 1e-3, "the GEAR terms must change the result"
+
+
+@pytest.mark.parametrize("gear", [False, True])
+def test_reference_is_fake_quantize_then_attention(gear):
+    """The reference equals the paper-faithful recipe written independently: fake-quantize the cache (dequantize
+    or GEAR's reconstruction), then torch's SDPA with GQA over [quantized tokens, residual tokens]."""
+    args, kwargs = _case(11, B=2, Hkv=2, G=2, nqk=64, nqv=48, kv_len=70, mask_kind="bool", gear=gear)
+    q, keys, values, k_res, v_res = args
+    if gear:
+        from kvfx.kernels.gear import gear_reconstruct
+
+        kq, vq = gear_reconstruct(keys, kwargs["k_gear"], 64), gear_reconstruct(values, kwargs["v_gear"], 48)
+    else:
+        kq, vq = dequantize(keys, 64), dequantize(values, 48)
+    k = torch.cat([kq, k_res[:, :, :6]], 2)
+    v = torch.cat([vq, v_res[:, :, :22]], 2)
+    want = F.scaled_dot_product_attention(q[:, :, None], k, v, attn_mask=kwargs["mask"][:, None, None, :],
+                                          scale=kwargs["scale"], enable_gqa=True)[:, :, 0]
+    got = quant_decode_attention_reference(*args, **kwargs)
+    assert torch.allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_edges():
+    # nothing quantized yet: plain attention over the residual tokens
+    args, kwargs = _case(1, nqk=0, nqv=0, kv_len=20)
+    q, keys, values, k_res, v_res = args
+    want = decode_attention_reference(q, k_res[:, :, :20], v_res[:, :, :20], 20, scale=kwargs["scale"])
+    _check(quant_decode_attention(*args, **kwargs), want, torch.float32, "no codes")
+    # everything quantized, no residual token; more splits than tiles
+    args, kwargs = _case(2, nqk=64, nqv=64, kv_len=64)
+    _check(quant_decode_attention(*args, **kwargs, num_splits=5), _reference(args, kwargs), torch.float32, "no res")
+    # a row with every token masked gives zeros
+    args, kwargs = _case(3, B=2, nqk=32, nqv=40, kv_len=48, mask_kind="bool")
+    kwargs["mask"][1] = False
+    out = quant_decode_attention(*args, **kwargs, num_splits=2)
+    assert torch.equal(out[1], torch.zeros_like(out[1]))
+    _check(out[:1], _reference(args, kwargs)[:1], torch.float32, "masked row")
+
+
+def test_kv_bytes_counts_every_stored_tensor():
+    args, kwargs = _case(4, B=1, Hkv=1, D=32, kbits=4, vbits=2, kgroup=16, vgroup=16, nqk=64, nqv=48, kv_len=80)
+    q, keys, values, k_res, v_res = args
+    got = kv_bytes(keys, values, k_res, v_res, k_quantized=64, v_quantized=48, kv_len=80)
+    want = (64 * 32 // 2 + 2 * 4 * 32 * 2) + (48 * 32 // 4 + 2 * 48 * 2 * 2) + (16 + 32) * 32 * 4
+    assert got == want
+
+
+# --------------------------------------------------------------------------------------
+# The PTX, emulated bit for bit
+# --------------------------------------------------------------------------------------
+
+
+def _f16(bits16: int) -> np.float16:
+    return np.array([bits16], dtype=np.uint16).view(np.float16)[0]
+
+
+def _bits(x) -> int:
+    return int(np.array([x], dtype=np.float16).view(np.uint16)[0])
+
+
+def _emulate_ptx(asm: str, operands: dict) -> int:
+    """Run the five instructions the dequantization PTX uses on Python ints (32-bit registers)."""
+    regs = dict(operands)
+    val = lambda a: regs[a] if a in regs else int(a, 0)  # noqa: E731
+    halves = lambda r: (_f16(r & 0xFFFF), _f16(r >> 16))  # noqa: E731
+    pack = lambda lo, hi: _bits(lo) | (_bits(hi) << 16)  # noqa: E731
+    for ins in filter(None, (part.strip() for part in asm.strip("{} ").split(";"))):
+        op, _, rest = ins.partition(" ")
+        ops = [o.strip() for o in rest.split(",")]
+        if op == ".reg":
+            continue
+        if op == "mov.b32":
+            regs[ops[0]] = val(ops[1]) & 0xFFFFFFFF
+        elif op == "shf.l.wrap.b32":  # funnel shift of {b, a} left by c mod 32, upper half; a == b: a rotation
+            a, c = val(ops[1]), val(ops[3]) % 32
+            assert ops[1] == ops[2]
+            regs[ops[0]] = ((a << c) | (a >> (32 - c))) & 0xFFFFFFFF if c else a
+        elif op == "lop3.b32":
+            a, b, c, lut = (val(o) for o in ops[1:5])
+            out = 0
+            for i in range(32):
+                idx = (((a >> i) & 1) << 2) | (((b >> i) & 1) << 1) | ((c >> i) & 1)
+                out |= ((lut >> idx) & 1) << i
+            regs[ops[0]] = out
+        elif op == "sub.f16x2":
+            (a0, a1), (b0, b1) = halves(val(ops[1])), halves(val(ops[2]))
+            sub = lambda x, y: np.float16(np.float64(x) - np.float64(y))  # noqa: E731
+            regs[ops[0]] = pack(sub(a0, b0), sub(a1, b1))
+        elif op == "fma.rn.f16x2":  # exact product and sum in float64, one rounding to float16
+            (a0, a1), (b0, b1), (c0, c1) = (halves(val(o)) for o in ops[1:4])
+            f = lambda x, y, z: np.float16(np.float64(x) * np.float64(y) + np.float64(z))  # noqa: E731
+            regs[ops[0]] = pack(f(a0, b0, c0), f(a1, b1, c1))
+        else:
+            raise AssertionError(f"unexpected PTX instruction {op}")
+    return regs["$0"]
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_ptx_dequantizes_each_plane(bits):
+    """For every plane k, rotated by _plane_rotation(bits, k), the PTX gives in its two float16 halves
+    round16(code * scale + min) of the two adjacent channels the packed word holds at plane k, from the stored
+    scale and offset = min - offset_bias(bits) * scale."""
+    asm = qda._asm_dequant(bits)
+    assert set(re.findall(r"\$\d", asm)) == {"$0", "$1", "$2", "$3", "$4"}
+    rng = np.random.default_rng(bits)
+    planes, bias = 16 // bits, offset_bias(bits)
+    for _ in range(40):
+        word = int(rng.integers(0, 2**32))
+        codes = unpack_codes(torch.tensor([[word - (1 << 32) if word >= 1 << 31 else word]], dtype=torch.int32),
+                             bits)[0].tolist()
+        s = [np.float16(rng.uniform(0.001, 3.0)) for _ in range(2)]
+        off = [np.float16(rng.uniform(-40.0, 40.0)) for _ in range(2)]
+        for k in range(planes):
+            out = _emulate_ptx(asm, {"$1": word, "$2": _bits(s[0]) | _bits(s[1]) << 16,
+                                     "$3": _bits(off[0]) | _bits(off[1]) << 16, "$4": qda._plane_rotation(bits, k)})
+            for h in range(2):
+                code = codes[2 * k + h]
+                minimum = np.float64(off[h]) + bias * np.float64(s[h])  # exact in float64
+                want = np.float16(np.float64(code) * np.float64(s[h]) + minimum)
+                assert _bits(want) == (out >> (16 * h)) & 0xFFFF, (bits, k, h, code)
+
+
+# --------------------------------------------------------------------------------------
+# Bad input
+# --------------------------------------------------------------------------------------
+
+
+def test_bad_input_raises_clear_errors():
+    args, kwargs = _case(5)
+    q, keys, values, k_res, v_res = args
+    with pytest.raises(ValueError, match=r"keys.bits must be one of \(2, 4, 8\), got 3"):
+        quant_decode_attention(q, keys._replace(bits=3), values, k_res, v_res, **kwargs)
+    with pytest.raises(ValueError, match="k_quantized 40 must be a multiple of the key group 16"):
+        quant_decode_attention(*args, **{**kwargs, "k_quantized": 40})
+    with pytest.raises(ValueError, match=r"kv_len 200 must be in \[k_quantized"):
+        quant_decode_attention(*args, **{**kwargs, "kv_len": 200})
+    with pytest.raises(ValueError, match=r"mask must have shape \[B, kv_len\]"):
+        quant_decode_attention(*args, **{**kwargs, "mask": torch.ones(1, 3, dtype=torch.bool)})
+    with pytest.raises(ValueError, match=r"k_res must be a \[1, 2, R, 32\] tensor"):
+        quant_decode_attention(q, keys, values, k_res[..., :16], v_res, **kwargs)
+    with pytest.raises(ValueError, match="must be a multiple of the KV heads"):
+        quant_decode_attention(q[:, :3], keys, values, k_res, v_res, **kwargs)
+    # a word of 2-bit codes holds 16 channels: a value group of 8 would split it
+    v2 = quantize_reference(torch.randn(1, 2, 48, 32), "values", 2, 8)
+    with pytest.raises(ValueError, match="value group 8 is below 16"):
+        quant_decode_attention(q, keys, v2, k_res, v_res, **kwargs)
+    assert "value group 8" in supports(q, keys, v2, k_res, v_res)
+    # GEAR terms
+    gargs, gkw = _case(6, gear=True, nqk=64, nqv=64, kv_len=70)
+    bad_block = gkw["k_gear"]._replace(lr_block=24)
+    with pytest.raises(ValueError, match="k_gear.lr_block must be a positive multiple of 16, got 24"):
+        quant_decode_attention(*gargs, **{**gkw, "k_gear": bad_block})
+    short = gkw["v_gear"]._replace(lr_seg=gkw["v_gear"].lr_seg[..., :1])
+    with pytest.raises(ValueError, match=r"v_gear.lr_seg must be an int \[B\|1, Hkv\|1, >= 2\]"):
+        quant_decode_attention(*gargs, **{**gkw, "v_gear": short})
+    wrong_seg = gkw["k_gear"]._replace(lr_seg=gkw["k_gear"].lr_seg + 5)
+    with pytest.raises(ValueError, match="lr_seg entries must index the 2 segments"):
+        quant_decode_attention(*gargs, **{**gkw, "k_gear": wrong_seg})
+
+
+# --------------------------------------------------------------------------------------
+# GPU: compiled kernels at realistic sizes (bf16 model, float16 dequantization)
+# --------------------------------------------------------------------------------------
+
+compiled = pytest.mark.skipif(triton_interpreting(), reason="triton was imported under TRITON_INTERPRET=1; run the "
+                              "GPU tests in their own process: pytest -m gpu tests/test_quant_decode_kernel.py")
+
+
+@pytest.fixture
+def fixed_config(monkeypatch):
+    monkeypatch.setenv("KVFX_DECODE_AUTOTUNE", "0")  # one compile per case, not ten
+
+
+def _gpu_case(seed, bits, group, dtype=torch.bfloat16, gear=False, T=4096, B=2, G=4, mask_kind="bool"):
+    """A cache as KIVI keeps it after a T-token prompt: keys quantized to T - T mod 128, values to T - 128.
+    GEAR: 4% outliers (1 per key row of 64 tokens, 2 per value token at each end)."""
+    res = 128
+    nqk, nqv = T - T % res, T - res
+    return _case(seed, B=B, Hkv=8, G=G, D=128, Dv=128, kbits=bits, vbits=bits, kgroup=group, vgroup=group,
+                 nqk=nqk, nqv=nqv, kv_len=T, dtype=dtype, mask_kind=mask_kind, gear=gear, lr_block=128,
+                 outliers=0.04, device="cuda")
+
+
+@pytest.mark.gpu
+@compiled
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("group", [32, 64, 128])
+@pytest.mark.usefixtures("fixed_config")
+def test_gpu_kernel_equals_reference(bits, group):
+    args, kwargs = _gpu_case(bits * group, bits, group, T=4096 + 77)
+    _check(quant_decode_attention(*args, **kwargs), _reference(args, kwargs), torch.bfloat16, f"{bits}-bit g{group}")
+
+
+@pytest.mark.gpu
+@compiled
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("asm", ["1", "0"])
+@pytest.mark.usefixtures("fixed_config")
+def test_gpu_dtypes_and_plain_dequantization(dtype, asm, monkeypatch):
+    """float16 q (PTX path), float32 q (float32 dots), and KVFX_QUANT_ASM=0 (float32 dequantization on CUDA)."""
+    monkeypatch.setenv("KVFX_QUANT_ASM", asm)
+    args, kwargs = _gpu_case(7, 4, 64, dtype=dtype, T=3000, mask_kind="float")
+    _check(quant_decode_attention(*args, **kwargs), _reference(args, kwargs), dtype, f"{dtype} asm={asm}")
+
+
+@pytest.mark.gpu
+@compiled
+@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.usefixtures("fixed_config")
+def test_gpu_gear_equals_reference(bits):
+    args, kwargs = _gpu_case(9, bits, 64, gear=True, T=2048 + 50)
+    _check(quant_decode_attention(*args, **kwargs), _reference(args, kwargs), torch.bfloat16, f"gear {bits}-bit")
+
+
+@pytest.mark.gpu
+@compiled
+def test_gpu_autotuned_and_quantize_kernel_path():
+    """The autotuned launch (the default) on a cache quantized by the Triton quantizer."""
+    gen = torch.Generator().manual_seed(3)
+    T, nq = 8192 + 64, 8192
+    xk = torch.randn(2, 8, T, 128, generator=gen).to(torch.bfloat16).cuda()
+    xv = torch.randn(2, 8, T, 128, generator=gen).to(torch.bfloat16).cuda()
+    q = torch.randn(2, 32, 128, generator=gen).to(torch.bfloat16).cuda()
+    keys = quantize(xk[:, :, :nq], "keys", 4, 32)
+    values = quantize(xv[:, :, :nq], "values", 2, 32)
+    kw = dict(k_quantized=nq, v_quantized=nq, kv_len=T)
+    out = quant_decode_attention(q, keys, values, xk[:, :, nq:], xv[:, :, nq:], **kw)
+    ref = quant_decode_attention_reference(q.float(), keys, values, xk[:, :, nq:].float(), xv[:, :, nq:].float(),
+                                           **kw)
+    _check(out, ref, torch.bfloat16, "autotuned")
+    assert math.isfinite(float(out.float().sum()))
