@@ -20,17 +20,42 @@ The expressions count every tensor the layer caches hold, as they are written (s
   retrieval heads (from the profile) and ``method: none`` heads hold every token (the prompt exactly, then grown in
   chunks), the others ``sink + W`` slots, with ``W = max(min(min_window, T), T // compress_ratio)``. Each slot is a
   key, a value and a position (int64); the compensation token of every head is float32 (mean key, mean value, count),
-  plus offsets, region lengths and sink counters.
+  plus offsets, region lengths and sink counters;
+- quantized layers (``kvfx.quantization.base.QuantizedLayerCache``, KIVI and GEAR): for keys and for values a
+  packed store of ``C`` tokens (``kvfx.quantization.storage.QuantizedStore``: int32 codes ``[B, Hkv, C, D * bits /
+  32]``, float16 scale and offset ``[B, Hkv, C / group, D]`` for keys, ``[B, Hkv, C, D / group]`` for values) and a
+  full-precision residual buffer ``[B, Hkv, R, D]`` in the model dtype (``R = residual``, or ``2 * residual`` for
+  KIVI's values, which leave one token at a time). The quantized tokens follow the schedule (a decode step flushes
+  after attending): keys (and GEAR's values) in whole blocks, ``residual * floor((T + N) / residual)``; KIVI's
+  values ``max(0, T + N - residual)``. A store's capacity starts at the prompt's quantized tokens rounded up to its
+  chunk ``k = residual * ceiling(64 / residual)`` and grows by at least 1/8, in chunks. GEAR adds, per capacity,
+  float16 low-rank factors ``lr_a [B, Hkv, C, r]`` and ``lr_b [B, Hkv, C / residual, D, r]`` (``r = max(rank,
+  prefill_rank)``: segments of lower rank are zero-padded), an int32 segment map ``[1, 1, C / residual]`` and,
+  where ``n = 2 * floor(outliers / 2 * row)`` is not 0, outliers (uint8 index + float32 value) ``[B, Hkv, C /
+  group, n, D]`` for keys (rows of ``group`` tokens) and ``[B, Hkv, C, n]`` for values (rows of ``D`` channels).
+  Nothing of it depends on the data: ranks are padded, outlier counts are per row, fixed by the config and D;
+- eviction with quantization (``kvfx.quantization.evicting.QuantizedEvictingLayerCache``): the kept prompt tokens
+  (the largest budget, or all T where a head keeps everything) then one slot per decode token, evicted or not, in a
+  quantized layer cache as above (its prompt is the kept tokens, ``K``), each slot with a position (int64) and a
+  score (float32) in ``[B, Hkv, P]``, where P starts at ``K`` and grows by ``max(1, P // 8)`` rounded up to 64;
+  plus the eviction layers' bookkeeping.
 
 Growth is not a closed form (each step rounds to a chunk), so it is a sympy function of the starting capacity and
-the tokens it must hold: ``grow_full(c, n)``, ``grow_slots(c, n)``, ``grow_ragged(c, n)``. Each evaluates exactly,
-by the same rule as its cache, once ``c`` and ``n`` are numbers, and is ``c`` while ``c >= n`` (no decode growth).
+the tokens it must hold: ``grow_full(c, n)``, ``grow_slots(c, n)``, ``grow_ragged(c, n)``, ``grow_positions(c, n)``
+and, for quantized stores whose chunk ``k`` is the third argument, ``grow_quantized(c, n, k)``. Each evaluates
+exactly, by the same rule as its cache, once its arguments are numbers, and is ``c`` while ``c >= n`` (no decode
+growth).
 
 Counted are the tensors on the model's device. Not counted: host-side copies of per-head flags (a few bytes),
-transient working memory of a step (the prompt's keys and values before compression, attention scratch,
-compact-position re-rotation), and the 1-element sequence handle whose zero-storage views transformers keeps.
-Fraction budgets are exact rationals here (``floor(T/5)`` for 0.2); kvfx multiplies in float64, which can differ by
-one token at exact multiples.
+transient working memory of a step (the prompt's keys and values before compression, the dequantized cache of a
+torch-path step, quantization scratch, attention scratch, compact-position re-rotation), and the 1-element sequence
+handle whose zero-storage views transformers keeps. Fraction budgets are exact rationals here (``floor(T/5)`` for
+0.2); kvfx multiplies in float64, which can differ by one token at exact multiples.
+
+Refused, as kvfx refuses them: a quantized layer whose KV heads do not share one quantize config, razor with
+quantization, eviction with quantization on a sliding-window layer or with ``positions: compact``, a head dim the
+quantizer cannot pack; at given numbers, a quantized sliding-window layer asked to decode past its window (its cache
+does not slide).
 """
 
 from __future__ import annotations
@@ -48,17 +73,20 @@ import torch
 from kvfx.spec import Plan, Policy, Spec, SpecError
 
 __all__ = ["B", "T", "N", "PlanError", "ModelShape", "LayerMemory", "MemoryTotals", "MemoryPlan", "plan_memory",
-           "decode_steps", "grow_full", "grow_slots", "grow_ragged"]
+           "decode_steps", "grow_full", "grow_slots", "grow_ragged", "grow_quantized", "grow_positions",
+           "quantized_tokens", "store_chunk", "buffer_tokens", "outliers_per_row"]
 
 B = sympy.Symbol("B", integer=True, positive=True)  # batch size
 T = sympy.Symbol("T", integer=True, positive=True)  # prompt tokens (padded)
 N = sympy.Symbol("N", integer=True, nonnegative=True)  # tokens written after the prompt (decode steps)
 
-CHUNK = 64  # GROWTH_CHUNK of kvfx.state, kvfx.eviction.slot_cache and kvfx.eviction.ragged_cache (checked in tests)
+CHUNK = 64  # GROWTH_CHUNK of kvfx.state, kvfx.eviction.slot_cache, kvfx.eviction.ragged_cache and
+# kvfx.quantization.storage (checked in tests)
 INT64, FLOAT32, BOOL = 8, 4, 1  # bytes per element of positions/counters, scores/compensation, head masks
+INT32, FLOAT16, UINT8 = 4, 2, 1  # packed codes and GEAR's segment map, scales/offsets/factors, outlier indices
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 # The methods this planner models; a method kvfx implements but the planner does not is refused, never guessed.
-PLANNED = {"evict": {"none", "window", "h2o", "keyformer", "snapkv", "razor"}, "quantize": {"none"}}
+PLANNED = {"evict": {"none", "window", "h2o", "keyformer", "snapkv", "razor"}, "quantize": {"none", "kivi", "gear"}}
 
 
 class PlanError(ValueError):
@@ -70,13 +98,14 @@ class PlanError(ValueError):
 # --------------------------------------------------------------------------------------------
 
 
-def _round_up(n: int) -> int:
-    return -(-n // CHUNK) * CHUNK
+def _round_up(n: int, chunk: int = CHUNK) -> int:
+    return -(-n // chunk) * chunk
 
 
 class _Growth(sympy.Function):
     """The capacity of a cache that starts at ``c`` slots and grows one decode token at a time until it holds ``n``
-    tokens; subclasses give the step (the new capacity when the cache is full at ``c``)."""
+    tokens; subclasses give the step (the new capacity when the cache is full at ``c``; arguments after ``n`` are
+    the step's parameters, e.g. a chunk)."""
 
     nargs = 2
     rule = ""  # the capacity after growing from c, before rounding up to a chunk (for the printed legend)
@@ -86,21 +115,30 @@ class _Growth(sympy.Function):
         raise NotImplementedError
 
     @classmethod
-    def eval(cls, start, target):
-        if start.is_Integer and target.is_Integer:
+    def eval(cls, start, target, *params):
+        if start.is_Integer and target.is_Integer and all(param.is_Integer for param in params):
             capacity = int(start)
             while capacity < int(target):
-                capacity = cls.step(capacity)
+                capacity = cls.step(capacity, *(int(param) for param in params))
             return sympy.Integer(capacity)
         if (start - target).is_nonnegative:  # it already holds them: no growth
             return start
         return None
 
+    @classmethod
+    def legend(cls) -> str:
+        """The rule as printed under a plan."""
+        name = cls.__name__
+        return f"{name}(c, n) = c if c >= n, else {name}({CHUNK}*ceiling({cls.rule}/{CHUNK}), n)"
+
     def _eval_is_integer(self):
         return True
 
+    def _eval_is_nonnegative(self):
+        return True
+
     def _eval_is_positive(self):
-        return self.args[0].is_positive
+        return True if self.args[0].is_positive else None
 
 
 class grow_full(_Growth):  # noqa: N801 (sympy's naming: printed as written)
@@ -134,6 +172,41 @@ class grow_ragged(_Growth):  # noqa: N801
     def step(capacity: int) -> int:
         needed = capacity + 1
         return _round_up(max(needed + CHUNK, needed + needed // 8))
+
+
+class grow_quantized(_Growth):  # noqa: N801
+    """QuantizedStore (codes, scales, offsets, GEAR's terms) with chunk ``k``: a flush that needs more than ``c``
+    tokens grows it to the k-multiple of max(needed, c + c // 8). Keys (blocks of ``residual``, k a multiple of it)
+    and values (one token) alike, it needs c + 1 .. c + k at that point, so the step is the k-multiple of
+    max(c + 1, c + c // 8); an empty store (c = 0) gets k."""
+
+    nargs = 3
+    rule = "max(c + 1, c + c//8)"
+
+    @staticmethod
+    def step(capacity: int, chunk: int) -> int:
+        return _round_up(max(capacity + 1, capacity + capacity // 8), chunk)
+
+    @classmethod
+    def legend(cls) -> str:
+        name = cls.__name__
+        return f"{name}(c, n, k) = c if c >= n, else {name}(k*ceiling({cls.rule}/k), n, k)"
+
+
+class grow_positions(_Growth):  # noqa: N801
+    """QuantizedEvictingLayerCache's positions and scores: full at ``c`` slots, ``_grow_slots`` adds max(1, c // 8)
+    rounded up to a chunk (c itself need not be a chunk multiple: it starts at the kept prompt tokens)."""
+
+    rule = f"c + {CHUNK}*ceiling(max(1, c//8)/{CHUNK})"
+
+    @staticmethod
+    def step(capacity: int) -> int:
+        return capacity + _round_up(max(1, capacity // 8))
+
+    @classmethod
+    def legend(cls) -> str:
+        name = cls.__name__
+        return f"{name}(c, n) = c if c >= n, else {name}({cls.rule}, n)"
 
 
 def decode_steps(new_tokens: int) -> int:
@@ -262,13 +335,14 @@ def _dtype(dtype: torch.dtype | str | None, config) -> torch.dtype:
 class LayerMemory:
     """One attention layer: its policies, the cache class kvfx makes for it, and the bytes that cache holds.
 
-    ``storage`` is the keys, values, positions, scores and compensation state (the tensors that scale with tokens
-    or heads x head_dim); ``bookkeeping`` the small per-row and per-head tensors beside them; ``total`` both.
+    ``storage`` is the keys, values, positions, scores and compensation state, and for quantized layers the packed
+    stores (codes, scales, offsets, GEAR's terms) and residual buffers (the tensors that scale with tokens or heads x
+    head_dim); ``bookkeeping`` the small per-row and per-head tensors beside them; ``total`` both.
     """
 
     layer: int
     policies: tuple[Policy, ...]
-    cache: str  # "full" | "slots" | "ragged"
+    cache: str  # "full" | "slots" | "ragged" | "quantized" | "quantized slots"
     storage: sympy.Expr
     bookkeeping: sympy.Expr
     note: str = ""  # e.g. the retrieval heads of a razor layer, a sliding window
@@ -326,7 +400,7 @@ def _slot_layer(layer: int, policies, shape: ModelShape) -> LayerMemory:
     try:  # the cache's own constructor: its grouping of heads and its checks (one scoring policy per layer)
         cache = EvictingLayerCache(layer, [make_policy(p.evict) for p in policies], shape.keep_last[layer])
     except EvictionError as err:
-        raise SpecError(f"layer {layer}: {err}") from None
+        raise _refused(layer, err) from None
     budgets = [_slot_capacity(policy) for policy, _ in cache.groups]
     if cache.unbounded:
         slots = grow_slots(T + 1, T + N)
@@ -372,6 +446,116 @@ def _razor_layer(layer: int, policies, shape: ModelShape) -> LayerMemory:
     return LayerMemory(layer, policies, "ragged", storage, bookkeeping, note)
 
 
+def _refused(layer: int, err: Exception) -> SpecError:
+    """kvfx's own refusal of a layer as the planner's SpecError (prefixed with the layer unless it says it)."""
+    text = str(err)
+    return SpecError(text if text.startswith(f"layer {layer}:") else f"layer {layer}: {text}")
+
+
+def _whole_blocks(config, kind: str) -> bool:
+    """Whether ``kind`` leaves the residual buffer in whole blocks of ``residual`` (KIVI keys, GEAR keys and values)
+    or one token at a time once more than ``residual`` wait (KIVI values): ``BlockQuantizer.whole_blocks``."""
+    return kind == "keys" or config.method == "gear"
+
+
+def quantized_tokens(config, kind: str, tokens: sympy.Expr) -> sympy.Expr:
+    """Tokens of ``kind`` quantized once ``tokens`` have been written (the prompt, then one per decode step, each
+    step flushing after it attends): ``BlockQuantizer.flush_count`` applied as the cache applies it."""
+    r = int(config.residual)
+    return r * sympy.floor(tokens / r) if _whole_blocks(config, kind) else sympy.Max(0, tokens - r)
+
+
+def store_chunk(config) -> int:
+    """A quantized store's growth step: ``BlockQuantizer.chunk``, the 64-token chunk rounded up to ``residual``."""
+    return _round_up(CHUNK, int(config.residual))
+
+
+def buffer_tokens(config, kind: str) -> int:
+    """The residual buffer's capacity: ``BlockQuantizer.buffer_tokens``."""
+    return int(config.residual) * (1 if _whole_blocks(config, kind) else 2)
+
+
+def outliers_per_row(config, kind: str, head_dim: int) -> int:
+    """GEAR's stored outliers per row (both ends): keys rows of ``group`` tokens, values rows of ``head_dim``."""
+    if config.method != "gear":
+        return 0
+    from kvfx.kernels.gear import outlier_count
+
+    return 2 * outlier_count(float(config.outliers), int(config.group) if kind == "keys" else head_dim)
+
+
+def _quantized_bytes(config, prompt: sympy.Expr, shape: ModelShape) -> sympy.Expr:
+    """A QuantizedLayerCache whose prompt is ``prompt`` tokens, after N decode tokens: both stores (capacity
+    included) and both residual buffers, as ``QuantizedLayerCache.nbytes`` counts them."""
+    bits, group, residual = int(config.bits), int(config.group), int(config.residual)
+    chunk = store_chunk(config)
+    h = shape.num_kv_heads
+    total = sympy.Integer(0)
+    for kind, d in (("keys", shape.head_dim), ("values", shape.value_head_dim)):
+        start = quantized_tokens(config, kind, prompt)
+        capacity = grow_quantized(chunk * sympy.ceiling(start / chunk), quantized_tokens(config, kind, prompt + N),
+                                  chunk)
+        # codes [B, H, C, D // per] int32 = D * bits / 8 bytes a token; scale + offset float16
+        per_token = sympy.Rational(d * bits, 8) + (sympy.Rational(2 * FLOAT16 * d, group) if kind == "keys"
+                                                   else 2 * FLOAT16 * (d // group))
+        segment_map = 0
+        if config.method == "gear":
+            rank = max(int(config.rank), int(config.prefill_rank))
+            per_token += FLOAT16 * rank + sympy.Rational(FLOAT16 * d * rank, residual)  # lr_a, lr_b per block
+            segment_map = INT32 * capacity / residual  # lr_seg [1, 1, C / residual]: not per row or head
+            n = outliers_per_row(config, kind, d)
+            per_token += (UINT8 + FLOAT32) * n * (sympy.Rational(d, group) if kind == "keys" else 1)
+        buffer = buffer_tokens(config, kind) * d * shape.element_size  # [B, H, R, D] model dtype
+        total += B * h * (capacity * per_token + buffer) + segment_map
+    return total
+
+
+def _quantized_note(config, keep_last: int, prompt: str) -> str:
+    residual = int(config.residual)
+    values = "in blocks of" if _whole_blocks(config, "values") else "token by token past"
+    note = (f"{prompt}quantized: keys in blocks of {residual}, values {values} {residual}; stores grow in "
+            f"{store_chunk(config)}-token chunks")
+    if config.method == "gear":
+        rank = max(int(config.rank), int(config.prefill_rank))
+        note += f"; low rank {rank}"
+    if keep_last:
+        note += f"; sliding window {keep_last}: does not slide, decodes while T + N <= {keep_last + 1}"
+    return note
+
+
+def _quantized_layer(layer: int, policies, shape: ModelShape) -> LayerMemory:
+    """A layer whose KV heads quantize: ``QuantizedLayerCache``, or with eviction ``QuantizedEvictingLayerCache``."""
+    from kvfx.eviction.base import EvictionError
+    from kvfx.ops import quantized_layer_cache
+    from kvfx.quantization.evicting import QuantizedEvictingLayerCache
+    from kvfx.state import KvfxCacheError
+
+    keep_last = shape.keep_last[layer]
+    try:  # kvfx's own constructor: one quantize config per layer, no razor, no window/compact with eviction
+        cache = quantized_layer_cache(layer, list(policies), keep_last)
+        quantized = cache.quantized if isinstance(cache, QuantizedEvictingLayerCache) else cache
+        for kind, d in (("keys", shape.head_dim), ("values", shape.value_head_dim)):
+            quantized.quantizers[kind].check(layer, d)  # packing and group rules, checked by kvfx at the prompt
+    except (KvfxCacheError, EvictionError) as err:
+        raise _refused(layer, err) from None
+    config = policies[0].quantize
+    h = shape.num_kv_heads
+    if not isinstance(cache, QuantizedEvictingLayerCache):
+        return LayerMemory(layer, policies, "quantized", _quantized_bytes(config, T, shape), sympy.Integer(0),
+                           _quantized_note(config, keep_last, ""))
+    budgets = [_slot_capacity(policy) for policy, _ in cache.groups]
+    kept = T if cache.unbounded else sympy.Max(*budgets) if len(budgets) > 1 else budgets[0]  # the prompt's slots
+    slots = grow_positions(kept, kept + N)  # positions and scores: every kept prompt token, then each decode token
+    storage = _quantized_bytes(config, kept, shape) + B * h * slots * (INT64 + FLOAT32)
+    bookkeeping = (4 * INT64 * B * h  # budget, recent, live, free: [B, Hkv] int64
+                   + 2 * INT64 * B  # first_valid, qpos: [B] int64
+                   # from the first decode step on, the keep rule: lo, hi [B, Hkv] int64; from_seen, by_score [Hkv] bool
+                   + sympy.Min(N, 1) * (2 * INT64 * B * h + 2 * BOOL * h))
+    prompt = "keeps every prompt token (a head keeps everything), " if cache.unbounded else "keeps its budget, "
+    return LayerMemory(layer, policies, "quantized slots", storage, bookkeeping,
+                       _quantized_note(config, 0, prompt + "then a slot per decode token; "))
+
+
 # --------------------------------------------------------------------------------------------
 # The plan.
 # --------------------------------------------------------------------------------------------
@@ -386,7 +570,7 @@ class MemoryTotals:
     new_tokens: int
     decode_steps: int  # N
     layers: tuple[int, ...]  # bytes per layer (storage + bookkeeping)
-    storage: int  # keys, values, positions, scores and compensation state, summed over layers
+    storage: int  # keys and values (packed and residual where quantized), positions, scores, compensation state
     total: int  # storage + bookkeeping
     full_cache: int  # every token in the model dtype, as transformers' DynamicCache holds it
 
@@ -427,6 +611,7 @@ class MemoryPlan:
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise PlanError(f"{name} must be an int >= {low}, not {value!r}")
         self._check_prompt(tokens)
+        self._check_windows(tokens, decode_steps(new_tokens))
         values = {B: batch, T: tokens, N: decode_steps(new_tokens)}
         layers = tuple(int(layer.total.subs(values)) for layer in self.layers)
         return MemoryTotals(batch=batch, tokens=tokens, new_tokens=new_tokens, decode_steps=values[N],
@@ -447,6 +632,18 @@ class MemoryPlan:
                     rule.check(rule.budget(prompt, tokens), prompt)
                 except EvictionError as err:
                     raise SpecError(f"{self.spec.source or '<spec>'}: layer {layer.layer}: {err}") from None
+
+    def _check_windows(self, tokens: int, steps: int) -> None:
+        """A quantized sliding-window layer does not slide: kvfx refuses the decode step that would drop a token
+        from its window (it serves T + N <= window tokens, the window being ``keep_last + 1``)."""
+        for layer in self.layers:
+            keep = self.shape.keep_last[layer.layer]
+            if layer.cache == "quantized" and keep and steps and tokens + steps - 1 > keep:
+                raise SpecError(
+                    f"{self.spec.source or '<spec>'}: layer {layer.layer}: this sliding-window layer keeps only its "
+                    f"last {keep} tokens and decoding {steps} tokens after a {tokens}-token prompt goes past them; "
+                    "quantized caches do not slide yet: give sliding-window layers quantize: {method: none} "
+                    "(per-layer overrides) or keep sequences within the window")
 
     def describe(self, batch: int | None = None, tokens: int | None = None, new_tokens: int = 0) -> str:
         """Per group of layers: the policy and the bytes expression; then, given numbers, the totals and ratio."""
@@ -469,15 +666,16 @@ class MemoryPlan:
                              f"N={totals.decode_steps}")
         used = sorted({type(f) for layer in self.layers for f in layer.total.atoms(_Growth)}, key=str)
         if used:
-            lines.append(f"  growth from c slots until n tokens fit, in {CHUNK}-token chunks:")
+            lines.append(f"  growth from c slots until n tokens fit, in {CHUNK}-token chunks (k for quantized "
+                         "stores):" if grow_quantized in used else
+                         f"  growth from c slots until n tokens fit, in {CHUNK}-token chunks:")
         for growth in used:
-            name = growth.__name__
-            lines.append(f"      {name}(c, n) = c if c >= n, else {name}({CHUNK}*ceiling({growth.rule}/{CHUNK}), n)")
+            lines.append(f"      {growth.legend()}")
         if totals:
             lines += [f"totals at batch {totals.batch}, prompt {totals.tokens} tokens, {totals.new_tokens} new "
                       f"token{'s' if totals.new_tokens != 1 else ''} (N = {totals.decode_steps}):",
-                      f"  kvfx:       {totals.total:>16,} bytes ({_mib(totals.total)}; keys, values, positions, "
-                      f"scores: {totals.storage:,})",
+                      f"  kvfx:       {totals.total:>16,} bytes ({_mib(totals.total)}; keys and values "
+                      f"(quantized or not), positions, scores: {totals.storage:,})",
                       f"  full cache: {totals.full_cache:>16,} bytes ({_mib(totals.full_cache)}; every token in "
                       f"{s.dtype_name})",
                       f"  ratio:      {totals.ratio:.4f} of the full cache ({1 / totals.ratio:.2f}x smaller)"
@@ -515,7 +713,9 @@ def plan_memory(spec: Spec | str | os.PathLike | dict | None, model: ModelShape 
     layers = []
     for layer, policies in enumerate(resolved.policies):
         methods = {p.evict.method for p in policies}
-        if "razor" in methods:
+        if any(p.quantize.method != "none" for p in policies):  # kvfx.ops: quantization first, as kvfx picks
+            layers.append(_quantized_layer(layer, policies, shape))
+        elif "razor" in methods:
             layers.append(_razor_layer(layer, policies, shape))
         elif methods != {"none"}:
             layers.append(_slot_layer(layer, policies, shape))

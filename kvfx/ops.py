@@ -106,7 +106,7 @@ def _layer_cache(state: SequenceState, layer: int, keep_last: int):
         policies = plan(state.plan_id).layer_policies(layer)
         evicts = [policy.evict for policy in policies]
         if any(policy.quantize.method != "none" for policy in policies):
-            cache = _quantized_cache(layer, policies, keep_last)
+            cache = quantized_layer_cache(layer, policies, keep_last)
         elif any(e.method == "razor" for e in evicts):
             cache = _razor_cache(layer, evicts, keep_last)
         elif any(policies := [make_policy(e) for e in evicts]):
@@ -132,7 +132,7 @@ def _razor_cache(layer: int, evicts, keep_last: int) -> RaggedLayerCache:
     return RaggedLayerCache(layer, keep_all, config, keep_last)
 
 
-def _quantized_cache(layer: int, policies, keep_last: int) -> QuantizedLayerCache | QuantizedEvictingLayerCache:
+def quantized_layer_cache(layer: int, policies, keep_last: int) -> QuantizedLayerCache | QuantizedEvictingLayerCache:
     """A layer whose KV heads quantize: one quantize config for all of them; with eviction on some heads, the
     evicting cache over quantized slots."""
     evicting = any(policy.evict.method != "none" for policy in policies)
