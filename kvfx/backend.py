@@ -23,8 +23,10 @@ from torch._dynamo.utils import counters
 from torch.fx import GraphModule
 
 import kvfx.ops  # noqa: F401  (registers the kvfx custom ops the rewritten graphs call)
-from kvfx.passes.rewrite import RewriteReport, find_attention_sites, kv_heads, prompt_length, rewrite_attention
-from kvfx.plans import check_implemented, check_profiles, check_prompt_budgets, compact_layers, plan, register_plan
+from kvfx.passes.rewrite import (RewriteReport, find_attention_sites, head_dims, kv_heads, prompt_length,
+                                 rewrite_attention)
+from kvfx.plans import (check_implemented, check_profiles, check_prompt_budgets, check_quantization, compact_layers,
+                        plan, register_plan)
 from kvfx.spec import Spec, SpecError
 
 COMPILERS = ("inductor", "aot_eager", "eager")
@@ -68,6 +70,7 @@ def rewrite_graph(gm: GraphModule, spec: Spec) -> RewriteReport:
     tokens = prompt_length(sites)
     if plan_id >= 0:
         check_profiles(plan(plan_id))
+        check_quantization(plan(plan_id), head_dims(sites))
     if plan_id >= 0 and tokens is not None:  # a prefill graph of a known length: budgets can be checked now
         check_prompt_budgets(plan(plan_id), tokens)
     rope_layers = compact_layers(plan(plan_id)) if plan_id >= 0 else frozenset()

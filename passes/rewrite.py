@@ -85,6 +85,18 @@ def kv_heads(sites: list[AttentionMatch | Unsupported]) -> int:
     return 1
 
 
+def head_dims(sites: list[AttentionMatch | Unsupported]) -> tuple[int, int] | None:
+    """(key, value) head dims of the first attention whose cache updates are found, or None."""
+    for found in sites:
+        if isinstance(found, AttentionMatch):
+            key, value = trace_cache_read(found.key), trace_cache_read(found.value)
+            if isinstance(key, CacheRead) and isinstance(value, CacheRead):
+                dims = (shape(key.new) or (None,) * 4)[3], (shape(value.new) or (None,) * 4)[3]
+                if all(isinstance(d, int) for d in dims):
+                    return dims
+    return None
+
+
 def prompt_length(sites: list[AttentionMatch | Unsupported]) -> int | None:
     """The static number of new tokens of a graph that starts from an empty cache (a prefill), else None."""
     for found in sites:

@@ -27,7 +27,9 @@ import kvfx.quantization.base as quantization_base
 from families import left_padded_batch, tiny_model
 from kvfx.kernels.quant_decode_attention import quant_decode_attention, quant_decode_attention_reference
 from kvfx.plans import register_plan
+from kvfx.evaluate import find_spec_error
 from kvfx.quantization import QuantizedLayerCache, make_quantized_cache
+from kvfx.quantization.evicting import QuantizedEvictingLayerCache
 from kvfx.quantization.faithful import FaithfulQuantizedAttention, register_faithful_quantized_attention
 from kvfx.spec import QuantizeGEAR, QuantizeKIVI, Spec
 from kvfx.state import KvfxCacheError, SequenceState
@@ -249,11 +251,14 @@ def test_used_bytes_are_the_stored_tensors_and_4_bits_are_a_third_of_bf16(config
      r"layer 0: quantize gear\(.*\) cannot quantize the keys .*head_dim 16, group 8\): residual 24 is GEAR's "
      r"low-rank block and must be a multiple of 16"),
 ], ids=["group-not-dividing-head-dim", "value-group-below-a-word", "gear-residual"])
-def test_bad_quantize_settings_fail_when_the_cache_is_built(config, message):
-    spec = spec_for(config)
+def test_bad_quantize_settings_fail_at_compile_time_and_when_the_cache_is_built(config, message):
     ids, mask = left_padded_batch([12, 9], seed=1)
-    with pytest.raises(KvfxCacheError, match=message), torch.no_grad():
-        generate(compiled(spec), ids, mask, 2)
+    with pytest.raises(Exception, match=message) as raised, torch.no_grad():  # dynamo wraps the backend's error
+        generate(compiled(spec_for(config)), ids, mask, 2)
+    assert find_spec_error(raised.value) is not None, raised.value
+    q, k, v = random_kv(0, 1, 2, 2, 12, 16)
+    with pytest.raises(KvfxCacheError, match=message):  # the cache itself refuses them too (direct use)
+        make_quantized_cache(0, config).compress_prompt(q, k, v, None)
 
 
 def layer_cache_for(spec: dict):
@@ -262,7 +267,7 @@ def layer_cache_for(spec: dict):
     return kvfx.ops._layer_cache(SequenceState(plan_id), 1, 0)
 
 
-def test_a_layer_takes_one_quantize_config_and_no_eviction_yet():
+def test_a_layer_takes_one_quantize_config_and_composes_with_eviction_but_not_razor():
     assert isinstance(layer_cache_for({"version": 1, "default": {"quantize": {"method": "kivi"}}}),
                       QuantizedLayerCache)
     mixed = {"version": 1, "default": {"quantize": {"method": "kivi"}},
@@ -275,9 +280,12 @@ def test_a_layer_takes_one_quantize_config_and_no_eviction_yet():
     with pytest.raises(KvfxCacheError, match=r"on KV heads \[0\]; none on KV heads \[1\]"):
         layer_cache_for(partly)
     both = {"version": 1, "default": {"evict": {"method": "h2o", "budget": 0.5}, "quantize": {"method": "kivi"}}}
-    with pytest.raises(KvfxCacheError, match=r"layer 1: eviction combined with quantization is not supported yet "
-                                             r"\(evict h2o\(.*\) with quantize kivi\(.*\)\)"):
-        layer_cache_for(both)
+    assert isinstance(layer_cache_for(both), QuantizedEvictingLayerCache)
+    razor = {"version": 1,
+             "default": {"evict": {"method": "razor", "profile": "p.json"}, "quantize": {"method": "kivi"}}}
+    with pytest.raises(KvfxCacheError, match=r"layer 1: razor combined with quantization \(kivi\(.*\)\) is not "
+                                             "supported yet"):
+        layer_cache_for(razor)
 
 
 def test_a_sliding_window_layer_is_served_until_a_token_leaves_its_window():
@@ -341,3 +349,26 @@ def test_cuda_compiled_model_runs_the_fused_kernel_and_matches_the_reference_pat
                                    msg=lambda m: f"step {step}: {m}")
     state = kvfx.REGISTRY.states()[-1]
     assert all(min(cache.quantized_tokens) > 0 for cache in state.layers.values())
+
+
+def test_quantization_plans_are_checked_at_compile_time():
+    """What the caches would refuse at the first prefill is a SpecError when the graph is compiled."""
+    from kvfx.plans import check_quantization
+    from kvfx.spec import SpecError
+
+    def check(spec: dict, dims=(16, 16)):
+        check_quantization(Spec.from_dict(spec).resolve(2, 2), dims)
+
+    check({"version": 1, "default": {"quantize": {"method": "kivi", "group": 8, "residual": 16}}})  # valid
+    check({"version": 1, "default": {"quantize": {"method": "kivi"}}}, None)  # head dims unknown: not checked
+    mixed = {"version": 1, "default": {"quantize": {"method": "kivi", "group": 8, "residual": 16}},
+             "overrides": [{"layers": "1", "heads": [1], "quantize": {"method": "none"}}]}
+    with pytest.raises(SpecError, match=r"layer 1: its KV heads take different quantize configs \(kivi\(.*\), "
+                                        r"none\); a quantized layer takes one config"):
+        check(mixed)
+    razor = {"version": 1,
+             "default": {"evict": {"method": "razor", "profile": "p.json"}, "quantize": {"method": "gear"}}}
+    with pytest.raises(SpecError, match=r"layer 0: razor combined with quantization \(gear\(.*\)\) is not supported"):
+        check(razor)
+    with pytest.raises(SpecError, match=r"group 32 must divide head_dim 16"):
+        check({"version": 1, "default": {"quantize": {"method": "kivi"}}})
