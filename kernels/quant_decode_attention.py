@@ -46,6 +46,55 @@ Kernel design (:func:`quant_decode_attention`)
   ``KVFX_DECODE_AUTOTUNE`` switch; BLOCK_N divides GEAR's low-rank block); CPU tensors run the same kernels under
   the Triton interpreter (dot operands in float32, bf16 outputs rounded by torch: see
   kvfx.kernels.decode_attention).  Device helpers are shared by both variants through ``_DeviceFunction``.
+
+Plane-order kernel (:func:`_quant_plane_kernel`; ``KVFX_QUANT_PLANES=1``, KIVI caches: GEAR runs the split kernel)
+----------------------------------------------------------------------------------------------------------------
+Why: the split kernel above is bound by instructions and latency, not bandwidth (H100, B=8, T=32768, Hq=32,
+Hkv=8, d=128: kivi-4 g32 0.388 ms, 0.87 TB/s effective, against SDPA's 0.364 ms over the bf16 cache).  Its sm_90
+SASS (Triton 3.6, 128-token tiles, 4 warps, offline) runs ~40 warp instructions per token in the bulk loop, a
+third of them moving data between layouts (the join tree and permute to channel order, the key parameters split
+into planes), and needs 254 registers and 125 KB of shared memory: one 4-warp program per SM, nothing to hide
+latency with.  The plane-order kernel never puts a tile in channel order:
+
+* Plane k of int16 lane l is channel ``ch(l, k) = (l // 2) * 2P + 2k + l % 2``.  q, the key scales and offsets,
+  the residual rows and the outputs are read and written in plane order through permuted pointers (gathers are
+  cheap; register permutes are not), so every tile is worked on as P planes ``[tokens, lanes]``.
+* Keys: the per-channel scale is folded into the query.  A plane's codes become the float16 ``C_k + code``
+  exactly with one lop3 (mask + OR an exponent) after a rotation shared by the planes that need it
+  (:func:`_key_plane_consts`: 0.75 instructions per code at 4 bits, 0.625 at 2, no fma), and the logits are
+  ``S + bias`` with ``S = sum_k (q_k s_k) . (C_k + code_k)^T`` and ``bias = sum_c q (min + MID s) - sum_k (C_k +
+  MID) (q_k s_k)`` (MID = 2**(bits - 1), the middle code), both on tensor cores (the bias as the diagonal of
+  ``X = sum_k q_k . (min + MID s)_k^T - (q_k s_k) . (C_k + MID)``).  Precision: ``q s`` and ``min + MID s`` are
+  float16 (one rounding each, as a float16 dequantized tile has), products exact, sums in float32; ``C_k + MID``
+  is exact in float16 (C_k = 16 or 256 at 4 bits) and cancels exactly against the rounded ``q s``, whose rounding
+  then only meets ``code - MID`` (emulated in torch at d = 128, T = 1101: errors against the float32 reference as
+  the split kernel's, 1.0e-3 at worst for float16 q against the tests' 2e-3).
+* A tile of BLOCK_N tokens spans ``KGR = BLOCK_N / K_GROUP`` key groups, each with its own scales: the query
+  rows are stacked, row ``r * G' + g`` (G' = G rounded up to a power of two) holding head g with key group r's
+  scales; a token counts only in the rows of its group, every row keeps its own online-softmax state, and the
+  rows of a head are merged at the end as split-K partials are.  At G = 4 and g32, the 16 stacked rows of a
+  128-token tile are the 16 tensor-core rows that were padding.  In the bulk loop (no softcap) the bias, a
+  constant along each row, goes into the row maximum instead of into every logit.
+* Values: per plane the split kernel's PTX (rotate, mask + exponent, fma with the (token, group) scale and
+  offset), ``acc_k += p . V_k`` into P accumulators ``[rows, lanes]`` (the registers of one ``[rows, Dv]``).
+  The (token, group) parameters are loaded once and broadcast over the group's lanes, which lets the compiler
+  dequantize straight into the tensor-core operand layout (codes read from shared memory with ldmatrix; no
+  shared-memory round trip for the dequantized tile).  With fewer int16 lanes than VALUE_N (8 per warp; 2 bits at
+  d = 128: 16) the value codes are read as bytes (32 lanes of 4 codes, :func:`_asm_dequant_bytes`): Triton gives
+  every dot of a loop the warp layout it picked for the last one, and a square [16, 16] value dot gets its warps
+  along M, i.e. every warp would repeat the whole tile.
+* The tail (partial tiles, residual tokens) runs in the same plane order in 16-token tiles, unpipelined, before
+  the bulk loop (its loop invariants are dead by then: a kernel's register count is its larger loop's).  Bulk
+  tiles are full: no masks; per tile one int64 scalar per tensor plus int32 loop-invariant offsets.
+* 4 warps (the rows are one 16-row tensor-core tile: more warps only split the tokens and repeat the query
+  operands); autotuned over 128/64-token tiles, 2-3 stages and register caps of 168 / 128 (3 / 4 programs per
+  SM).  Offline SASS of the bulk loop (Triton 3.6, d = 128, G = 4, 128-token tiles, 168 registers, no spills,
+  33 KB shared memory): ~27 warp instructions per token at 4 bits g32, ~34 at 2 bits g64 (the byte lanes' shared
+  memory reads cost ~7).  Measured on the H100 (B=8, T=32768, 32/8 heads, d=128, bf16;
+  ``benchmarks/results/decode_quant_planes_h100.txt``), SDPA-GQA 0.365 ms: kivi-4 g32 0.250 ms (1.46x; the
+  channel-order kernel 0.388 ms), g64 0.241 ms (1.51x; 0.411), kivi-2 g32 0.259 ms (1.41x; 0.372), g64 0.254 ms
+  (1.44x; 0.310).  Still short of 3x / 5x: at 0.7-1.35 TB/s effective the kernel remains instruction-bound.
+* The interpreter runs the same kernel with float32 planes (codes as integers, C_k = 0) and float32 dots.
 """
 
 from __future__ import annotations
@@ -78,11 +127,9 @@ def _asm_enabled() -> bool:
 
 
 def _planes_enabled() -> bool:
-    """KVFX_QUANT_PLANES=1 selects the plane-order kernel for KIVI caches where it applies (:func:`_use_planes`);
-    the default is the channel-order split kernel. The plane-order kernel is experimental: it passes the CPU
-    (interpreter) tests but does not compile with Triton 3.6 on the H100 ("arange's arguments must be of type
-    tl.constexpr"), so it is off until it is fixed and measured."""
-    return os.environ.get("KVFX_QUANT_PLANES", "0").strip().lower() not in ("0", "false", "no", "off", "")
+    """KVFX_QUANT_PLANES=0 selects the channel-order split kernel for KIVI caches too; by default the plane-order
+    kernel runs them where it applies (:func:`_use_planes`): on the H100 it is 1.2-1.6x faster (module docstring)."""
+    return os.environ.get("KVFX_QUANT_PLANES", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
 # --------------------------------------------------------------------------------------
@@ -172,6 +219,40 @@ def _plane_rotation(bits: int, k: int) -> int:
     """Left rotation that brings plane k's code (bits [k * bits, (k + 1) * bits) of each half) to where
     _asm_dequant wants it (the same formula is inlined in _dequant_plane)."""
     return (10 - bits - k * bits) % 32 if bits < 8 else (32 - k * bits) % 32
+
+
+def _asm_dequant_bytes(bits: int) -> str:
+    """PTX dequantizing the codes of four value bytes (``$n``, n = 2 * planes: 4 int8 lanes with pack=4; a byte holds
+    ``planes = 8 // bits`` codes, code k in bits [k * bits, (k + 1) * bits)) into float16 pairs: plane k of bytes
+    0, 1 in ``$(2k)``, of bytes 2, 3 in ``$(2k + 1)``; ``$(n + 1)``/``$(n + 2)`` the scales and ``$(n + 3)``/
+    ``$(n + 4)`` the stored offsets of those pairs.  Two ``prmt`` put bytes 0, 1 (2, 3) in the high bytes of the two
+    16-bit halves (once for every plane), then per pair of codes: shift (_byte_plane_shift; none for 2-bit plane 0),
+    mask + OR the exponent of 2**bits, fma as :func:`_asm_dequant`: 1.5 instructions per code and 0.5 per byte.
+    2 and 4 bits."""
+    assert bits < 8
+    planes = 8 // bits
+    n = 2 * planes
+    m = (1 << bits) - 1
+    mask = (m << (10 - bits)) * 0x10001
+    magic = ((bits + 15) << 10) * 0x10001
+    asm = [f"{{ .reg .b32 z, lo, hi, t, u; mov.b32 z, 0; prmt.b32 lo, ${n}, z, 0x1404; prmt.b32 hi, ${n}, z, 0x3424;"]
+    for k in range(planes):
+        shift = _byte_plane_shift(bits, k)
+        src_lo, src_hi = "lo", "hi"
+        if shift:
+            asm.append(f"shr.b32 t, lo, {shift}; shr.b32 u, hi, {shift};")
+            src_lo, src_hi = "t", "u"
+        asm.append(f"lop3.b32 t, {src_lo}, {mask:#010x}, {magic:#010x}, 0xea; "
+                   f"lop3.b32 u, {src_hi}, {mask:#010x}, {magic:#010x}, 0xea; "
+                   f"fma.rn.f16x2 ${2 * k}, t, ${n + 1}, ${n + 3}; fma.rn.f16x2 ${2 * k + 1}, u, ${n + 2}, ${n + 4};")
+    return " ".join(asm) + " }"
+
+
+def _byte_plane_shift(bits: int, k: int) -> int:
+    """Right shift that brings code k of a byte, once the byte sits in the high byte of a 16-bit half (bits
+    [8 + k * bits, 8 + (k + 1) * bits)), to mantissa bits [10 - bits, 10) (the same formula is inlined in
+    _dequant_bytes)."""
+    return k * bits + bits - 2
 
 
 def _dequant_plane(h, s, m, K: tl.constexpr, BITS: tl.constexpr, FAST: tl.constexpr, ASM: tl.constexpr,
@@ -560,7 +641,7 @@ _SPLIT_TUNED = triton.autotune(
 
 
 # --------------------------------------------------------------------------------------
-# Plane-order kernel (the default for KIVI caches; module docstring, "Plane-order path")
+# Plane-order kernel (KIVI caches; module docstring, "Plane-order kernel")
 # --------------------------------------------------------------------------------------
 
 
@@ -626,13 +707,17 @@ def _key_plane(S, X, qk, h, s_ptrs, m_ptrs, p_mask, K: tl.constexpr, BITS: tl.co
                CASM: tl.constexpr, K_ROT: tl.constexpr, K_POS: tl.constexpr, DOT_FP32: tl.constexpr,
                DT: tl.constexpr, MASKED: tl.constexpr, BLOCK_R: tl.constexpr):
     """One key plane's share of a tile's logits, all on tensor cores: ``S += (q_K s_K) . M_K^T`` (M_K = C_K + code
-    from h [BLOCK_N, E]; C_K = 0 unless FAST) and ``X += q_K . min_K^T - (q_K s_K) . C_K`` ([BLOCK_R, BLOCK_R]; its
-    diagonal is the bias that makes ``S + bias`` the logits of the dequantized keys: ``sum_c q (code s + min)``).
-    qk [BLOCK_R, E] (the scaled query in plane order in the dot dtype DT, one row per (key group of the tile,
-    query head)); s_ptrs/m_ptrs [BLOCK_R, E]: the scales/stored offsets of each row's key group in plane order.
-    FAST: ``q s`` and ``min = offset + 2**bits s`` are float16 (one rounding each, as a float16 dequantized tile
-    has), the products exact and summed in float32; C_K q s cancels exactly (C_K a power of two)."""
+    from h [BLOCK_N, E]; C_K = 0 unless FAST) and ``X += q_K . mid_K^T - (q_K s_K) . (C_K + MID)``
+    ([BLOCK_R, BLOCK_R]), whose diagonal is the bias that makes ``S + bias`` the logits of the dequantized keys,
+    ``sum_c q (code s + min) = sum_c q s (code - MID) + q (min + MID s)``, MID = 2**(BITS - 1) the middle code.
+    qk [BLOCK_R, E]: the scaled query in plane order in the dot dtype DT, one row per (key group of the tile,
+    query head); s_ptrs/m_ptrs [BLOCK_R, E]: the scales/stored offsets of each row's key group in plane order.
+    FAST: ``q s`` and ``mid = offset + (2**bits + MID) s`` (= min + MID s) are float16 (one rounding each, as a
+    float16 dequantized tile has), products exact, sums float32; C_K + MID is exact in float16 and cancels the
+    C_K + MID copies of the rounded ``q s`` exactly, so ``q s``'s rounding only meets ``code - MID`` (at most MID
+    in size: half the error of meeting ``code``)."""
     OB: tl.constexpr = (1 << BITS) if BITS < 8 else 0  # kvfx.kernels.quant_pack.offset_bias
+    MID: tl.constexpr = 1 << (BITS - 1)
     M = _KEY_CODES(h, K, BITS, FAST, CASM, K_ROT, K_POS)
     if MASKED:
         s = tl.load(s_ptrs, mask=p_mask, other=0.0)
@@ -642,23 +727,25 @@ def _key_plane(S, X, qk, h, s_ptrs, m_ptrs, p_mask, K: tl.constexpr, BITS: tl.co
         o = tl.load(m_ptrs)
     if FAST:
         a: tl.constexpr = (K_POS >> (4 * K)) & 15
-        C: tl.constexpr = 1 << (10 - a)
+        C: tl.constexpr = (1 << (10 - a)) + MID
         s = s.to(tl.float16)
         qs = qk * s
-        mn = o.to(tl.float16) + s * OB
+        mid = o.to(tl.float16) + s * (OB + MID)
         S = tl.dot(qs, tl.trans(M), S)
-        X = tl.dot(qk, tl.trans(mn), X)
+        X = tl.dot(qk, tl.trans(mid), X)
         X = tl.dot(qs, tl.full([qk.shape[1], BLOCK_R], -C, tl.float16), X)
     else:
         s = s.to(tl.float32)
         qs = qk.to(tl.float32) * s
-        mn = o.to(tl.float32) + s * OB
+        mid = o.to(tl.float32) + s * (OB + MID)
         if DOT_FP32:
             S = tl.dot(qs, tl.trans(M), S, input_precision="ieee")
-            X = tl.dot(qk, tl.trans(mn), X, input_precision="ieee")
+            X = tl.dot(qk, tl.trans(mid), X, input_precision="ieee")
+            X = tl.dot(qs, tl.full([qk.shape[1], BLOCK_R], -MID, tl.float32), X, input_precision="ieee")
         else:
             S = tl.dot(qs.to(DT), tl.trans(M.to(DT)), S)
-            X = tl.dot(qk, tl.trans(mn.to(DT)), X)
+            X = tl.dot(qk, tl.trans(mid.to(DT)), X)
+            X = tl.dot(qs.to(DT), tl.full([qk.shape[1], BLOCK_R], -MID, DT), X)
     return S, X
 
 
@@ -672,24 +759,45 @@ def _res_key_plane(S, qk, r_ptrs, r_mask, DOT_FP32: tl.constexpr, DT: tl.constex
     return S
 
 
-def _value_dot(acc, p, h, vs, vm, r_ptrs, r_mask, use_code, M: tl.constexpr, VJ: tl.constexpr,
-               BITS: tl.constexpr, FAST: tl.constexpr, ASM: tl.constexpr, DOT_FP32: tl.constexpr, DT: tl.constexpr,
-               BLOCK_N: tl.constexpr, E: tl.constexpr, RESIDUAL: tl.constexpr):
-    """acc += p . V: value planes M * VJ .. M * VJ + VJ - 1 dequantized (code * scale + min per lane, float16
-    through the PTX if FAST) side by side, [BLOCK_N, VJ * E] (column c: lane c // VJ of plane
-    M * VJ + _vjoin(c % VJ)); residual rows (RESIDUAL: the tokens with use_code False) from r_ptrs, in that column
-    order.  VJ > 1 keeps the dot at least 8 columns per warp when planes are narrow (Triton gives every dot of a
-    chain the warp layout of the last one, and a square [16, 16] dot would be split along M: replicated)."""
-    K0: tl.constexpr = M * VJ
-    v = _DEQUANT_PLANE(h, vs, vm, K0, BITS, FAST, ASM, BLOCK_N, E, 1)
-    if VJ == 2:
-        v = tl.reshape(tl.join(v, _DEQUANT_PLANE(h, vs, vm, K0 + 1, BITS, FAST, ASM, BLOCK_N, E, 1)),
-                       [BLOCK_N, 2 * E])
-    elif VJ == 4:
-        v01 = tl.join(v, _DEQUANT_PLANE(h, vs, vm, K0 + 1, BITS, FAST, ASM, BLOCK_N, E, 1))
-        v23 = tl.join(_DEQUANT_PLANE(h, vs, vm, K0 + 2, BITS, FAST, ASM, BLOCK_N, E, 1),
-                      _DEQUANT_PLANE(h, vs, vm, K0 + 3, BITS, FAST, ASM, BLOCK_N, E, 1))
-        v = tl.reshape(tl.join(v01, v23), [BLOCK_N, 4 * E])
+def _dequant_bytes(h, s, m, BITS: tl.constexpr, FAST: tl.constexpr, ASM: tl.constexpr):
+    """All planes of int8 code lanes h (BITS 2 or 4: 8 // BITS codes per byte): (code_k * s + m for k = 0..3),
+    float16 through the PTX (_asm_dequant_bytes) if FAST, else float32; s, m: h's shape.  4 bits: the last two
+    entries repeat the first two."""
+    if BITS == 2:
+        if FAST:
+            v0, v1, v2, v3 = tl.inline_asm_elementwise(ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r,r", [h, s, m],
+                                                       dtype=(tl.float16, tl.float16, tl.float16, tl.float16),
+                                                       is_pure=True, pack=4)
+        else:
+            c = h.to(tl.int32)
+            s = s.to(tl.float32)
+            m = m.to(tl.float32)
+            v0 = (c & 3).to(tl.float32) * s + m
+            v1 = ((c >> 2) & 3).to(tl.float32) * s + m
+            v2 = ((c >> 4) & 3).to(tl.float32) * s + m
+            v3 = ((c >> 6) & 3).to(tl.float32) * s + m
+    else:
+        if FAST:
+            v0, v1 = tl.inline_asm_elementwise(ASM, "=r,=r,=r,=r,r,r,r,r,r", [h, s, m],
+                                               dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
+        else:
+            c = h.to(tl.int32)
+            v0 = (c & 15).to(tl.float32) * s.to(tl.float32) + m.to(tl.float32)
+            v1 = ((c >> 4) & 15).to(tl.float32) * s.to(tl.float32) + m.to(tl.float32)
+        v2 = v0
+        v3 = v1
+    return v0, v1, v2, v3
+
+
+def _value_plane(h, s, m, K: tl.constexpr, BITS: tl.constexpr, FAST: tl.constexpr, ASM: tl.constexpr):
+    """Plane K of int16 value code lanes h [R, E] with per-lane parameters s, m (_dequant_plane)."""
+    return _DEQUANT_PLANE(h, s, m, K, BITS, FAST, ASM, h.shape[0], h.shape[1], 1)
+
+
+def _value_acc(acc, p, v, r_ptrs, r_mask, use_code, DOT_FP32: tl.constexpr, DT: tl.constexpr,
+               RESIDUAL: tl.constexpr):
+    """acc += p . v for one dequantized value plane v [BLOCK_N, lanes]; residual rows (RESIDUAL: the tokens with
+    use_code False) from r_ptrs (the plane's channels)."""
     if RESIDUAL:
         r = tl.load(r_ptrs, mask=r_mask, other=0.0).to(v.dtype)
         v = tl.where(use_code[:, None], v, r)
@@ -712,7 +820,9 @@ def _merge_rows(acc, w, NB: tl.constexpr, GP: tl.constexpr, E: tl.constexpr):
 _KEY_CODES = _DeviceFunction(_key_codes)
 _KEY_PLANE = _DeviceFunction(_key_plane)
 _RES_KEY_PLANE = _DeviceFunction(_res_key_plane)
-_VALUE_DOT = _DeviceFunction(_value_dot)
+_DEQUANT_BYTES = _DeviceFunction(_dequant_bytes)
+_VALUE_PLANE = _DeviceFunction(_value_plane)
+_VALUE_ACC = _DeviceFunction(_value_acc)
 _STORE_PLANE = _DeviceFunction(_store_plane)
 _MERGE_ROWS = _DeviceFunction(_merge_rows)
 
@@ -747,13 +857,14 @@ def _quant_plane_kernel(
     HEAD_DIM: tl.constexpr,
     HEAD_DV: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    VALUE_N: tl.constexpr,  # columns per value dot to aim for: 8 per warp (_value_dot)
+    VALUE_N: tl.constexpr,  # value dot columns to aim for: 8 per warp (see VBYTES)
     TAIL_N: tl.constexpr,  # tokens per tile of the tail (phase 1) at most
     K_BITS: tl.constexpr,
     V_BITS: tl.constexpr,
     FAST: tl.constexpr,  # PTX: float16 key planes C + code and float16 dequantized value planes (CUDA)
     K_ASM: tl.constexpr,  # unused (the split kernel's key PTX)
     V_ASM: tl.constexpr,  # the PTX of _asm_dequant(V_BITS)
+    V_ASM_BYTES: tl.constexpr,  # _asm_dequant_bytes(V_BITS) (2 and 4 bits; else unused)
     K_CASM: tl.constexpr,  # _KEY_CODES_ASM
     K_ROT: tl.constexpr,  # _key_plane_table(K_BITS)
     K_POS: tl.constexpr,
@@ -778,15 +889,15 @@ def _quant_plane_kernel(
     VP: tl.constexpr = 16 // V_BITS
     KE: tl.constexpr = HEAD_DIM // KP  # int16 lanes per key row
     VE: tl.constexpr = HEAD_DV // VP
-    VLPG: tl.constexpr = V_GROUP // VP  # lanes per value group: lane l's group is l // VLPG
+    # value lanes: int16 (VP codes), or bytes (VP / 2 codes) when int16 lanes would make the value dots narrower
+    # than VALUE_N columns (8 per warp: Triton gives every dot of a chain the warp layout of the last one, and a
+    # square [16, 16] dot would be split along M, i.e. replicated on every warp)
+    VBYTES: tl.constexpr = (VE < VALUE_N) & (V_BITS < 8)
+    VW: tl.constexpr = 2 * VE if VBYTES else VE  # value lanes per token
+    NV: tl.constexpr = VP // 2 if VBYTES else VP  # codes per value lane: value planes (dots, accumulators)
+    VLPG: tl.constexpr = V_GROUP // NV  # value lanes per value group: lane l's group is l // VLPG
     VNG: tl.constexpr = HEAD_DV // V_GROUP  # value groups per token
-    VJA: tl.constexpr = VALUE_N // VE if VE < VALUE_N else 1  # value planes per dot (_value_dot): 1, 2 or 4
-    VJB: tl.constexpr = VJA if VJA < VP else VP
-    VJ: tl.constexpr = VJB if VJB < 4 else 4
-    NV: tl.constexpr = VP // VJ  # value dots (accumulators) per tile
-    VW: tl.constexpr = VE * VJ  # their columns
     KGR: tl.constexpr = BLOCK_N // K_GROUP if BLOCK_N > K_GROUP else 1  # key groups per tile
-    KGT: tl.constexpr = K_GROUP if BLOCK_N > K_GROUP else BLOCK_N  # tokens of a tile per key group
     TN_TAIL: tl.constexpr = BLOCK_N if BLOCK_N < TAIL_N else TAIL_N
     GP: tl.constexpr = QGROUP_P2
     BLOCK_R: tl.constexpr = 16 if GP * KGR < 16 else GP * KGR  # stacked rows: (key group of the tile, head)
@@ -797,7 +908,8 @@ def _quant_plane_kernel(
     hk = (bh % Hkv).to(tl.int64)
 
     offs_ke = tl.arange(0, KE)
-    offs_ve = tl.arange(0, VE)
+    vc_tile = VC.to(tl.pointer_type(tl.int8)) if VBYTES else VC  # the value codes as int16 or int8 lanes
+    vc_row = 2 * stride_vcn if VBYTES else stride_vcn
     offs_r = tl.arange(0, BLOCK_R)
     r_blk = offs_r // GP  # the row's key group within the tile
     g_row = offs_r % GP  # the row's query head within the group
@@ -852,7 +964,7 @@ def _quant_plane_kernel(
     kc_base = KC + b * stride_kcb + hk * stride_kch
     ks_base = KS + b * stride_ksb + hk * stride_ksh  # KM shares KS's strides
     km_base = KM + b * stride_ksb + hk * stride_ksh
-    vc_base = VC + b * stride_vcb + hk * stride_vch
+    vc_base = vc_tile + (b * stride_vcb + hk * stride_vch) * (2 if VBYTES else 1)
     vs_base = VS + b * stride_vsb + hk * stride_vsh  # VM shares VS's strides
     vm_base = VM + b * stride_vsb + hk * stride_vsh
     kr_base = KR + b * stride_krb + hk * stride_krh
@@ -861,15 +973,14 @@ def _quant_plane_kernel(
 
     # loop-invariant offsets, int32 (each tile adds one int64 scalar per tensor): parameters and channels
     kp_off = r_eff[:, None] * stride_ksg + kch0[None, :]  # [BLOCK_R, KE] key parameters, plane 0; plane k: + 2k
-    if VJ == 1:  # value parameters: [tn, VNG] (broadcast over the lanes in registers)
-        vg_off = tl.arange(0, VNG)[None, :]
-    else:  # [tn, VE], each lane's group (a broadcast would stop the compiler from joining the planes in registers)
-        vg_off = (offs_ve // VLPG)[None, :]
-    # value dot m, column c: lane c // VJ of plane m * VJ + jm(c % VJ) (jm: _value_dot's join order)
+    vg_off = tl.arange(0, VNG)[None, :]  # value groups (parameters: [tn, VNG], broadcast over the lanes)
+    # value lane l, plane k: word l // LPW (LPW lanes per 32-bit word), channel word * 2VP + t * VP + 2k + h, with
+    # h the word's 16-bit half and t the byte of the half (bytes; int16 lanes: t = 0)
     offs_vw = tl.arange(0, VW)
-    vt = offs_vw % VJ
-    vlane = offs_vw // VJ
-    vch0 = (vlane // 2) * (2 * VP) + 2 * ((vt % 2) * (VJ // 2) + vt // 2) + vlane % 2  # dot m: + 2 * VJ * m
+    if VBYTES:
+        vch0 = (offs_vw // 4) * (2 * VP) + (offs_vw % 2) * VP + (offs_vw % 4) // 2  # plane k: + 2k
+    else:
+        vch0 = (offs_vw // 2) * (2 * VP) + offs_vw % 2
     eye = offs_r[:, None] == offs_r[None, :]
 
     m_i = tl.full([BLOCK_R], float("-inf"), tl.float32)
@@ -902,7 +1013,7 @@ def _quant_plane_kernel(
             hi = end
         offs_n = tl.arange(0, BLOCK_N if phase == 0 else TN_TAIL)
         kc_off = offs_n[:, None] * stride_kcn + offs_ke[None, :]  # [tn, KE]
-        vc_off = offs_n[:, None] * stride_vcn + offs_ve[None, :]  # [tn, VE]
+        vc_off = offs_n[:, None] * vc_row + offs_vw[None, :]  # [tn, VW]
         vp_off = offs_n[:, None] * stride_vsn + vg_off
         kr_off = offs_n[:, None] * stride_krn + kch0[None, :]  # [tn, KE] residual keys, plane 0
         vr_off = offs_n[:, None] * stride_vrn + vch0[None, :]  # [tn, VW] residual values, dot 0
@@ -1004,44 +1115,52 @@ def _quant_plane_kernel(
             m_i = m_new
             p = p.to(p_dt)
 
-            # ---- values: acc_m += p . V_m, VJ planes per dot, dequantized with per-lane (token, group) params ----
+            # ---- values: acc_k += p . V_k per plane, dequantized with per-lane (token, group) parameters ----
             if STATIC or phase == 1:
                 vq_mask = (n_valid & (cols < n_qv))[:, None]
-                vh = tl.load(vc_base + t0l * stride_vcn + vc_off, mask=vq_mask, other=0)
+                vh = tl.load(vc_base + t0l * vc_row + vc_off, mask=vq_mask, other=0)
                 vs = tl.load(vs_base + t0l * stride_vsn + vp_off, mask=vq_mask, other=0.0)
                 vm = tl.load(vm_base + t0l * stride_vsn + vp_off, mask=vq_mask, other=0.0)
             else:
-                vh = tl.load(vc_base + t0l * stride_vcn + vc_off)
+                vh = tl.load(vc_base + t0l * vc_row + vc_off)
                 vs = tl.load(vs_base + t0l * stride_vsn + vp_off)
                 vm = tl.load(vm_base + t0l * stride_vsn + vp_off)
-            if VJ == 1:  # one (scale, offset) per (token, group) loaded, broadcast over the group's lanes
-                vs = tl.reshape(tl.broadcast_to(vs[:, :, None], [BLOCK_N if phase == 0 else TN_TAIL, VNG, VLPG]),
-                                [BLOCK_N if phase == 0 else TN_TAIL, VE])
-                vm = tl.reshape(tl.broadcast_to(vm[:, :, None], [BLOCK_N if phase == 0 else TN_TAIL, VNG, VLPG]),
-                                [BLOCK_N if phase == 0 else TN_TAIL, VE])
+            # one (scale, offset) per (token, group), broadcast over the group's lanes
+            vs = tl.reshape(tl.broadcast_to(vs[:, :, None], [BLOCK_N if phase == 0 else TN_TAIL, VNG, VLPG]),
+                            [BLOCK_N if phase == 0 else TN_TAIL, VW])
+            vm = tl.reshape(tl.broadcast_to(vm[:, :, None], [BLOCK_N if phase == 0 else TN_TAIL, VNG, VLPG]),
+                            [BLOCK_N if phase == 0 else TN_TAIL, VW])
             vs, vm = _DEQUANT_PARAMS(vs, vm, V_BITS, FAST)
-            vr = vr_base + (t0l - n_qv) * stride_vrn + vr_off  # residual values of dot m: + 2 * VJ * m
+            vr = vr_base + (t0l - n_qv) * stride_vrn + vr_off  # residual values of plane k: + 2k
             vr_mask = (n_valid & (cols >= n_qv))[:, None]
             use_code = cols < n_qv
-            a0 = _VALUE_DOT(a0 * alpha[:, None], p, vh, vs, vm, vr, vr_mask, use_code, 0, VJ, V_BITS, FAST, V_ASM,
-                            DOT_FP32, p_dt, BLOCK_N if phase == 0 else TN_TAIL, VE, phase == 1)
+            if VBYTES:  # every plane of the bytes at once (the byte shuffles shared)
+                v0, v1, v2, v3 = _DEQUANT_BYTES(vh, vs, vm, V_BITS, FAST, V_ASM_BYTES)
+            else:
+                v0 = _VALUE_PLANE(vh, vs, vm, 0, V_BITS, FAST, V_ASM)
+                v1 = v0
+                v2 = v0
+                v3 = v0
+                if NV > 1:
+                    v1 = _VALUE_PLANE(vh, vs, vm, 1, V_BITS, FAST, V_ASM)
+                if NV > 2:
+                    v2 = _VALUE_PLANE(vh, vs, vm, 2, V_BITS, FAST, V_ASM)
+                    v3 = _VALUE_PLANE(vh, vs, vm, 3, V_BITS, FAST, V_ASM)
+            a0 = _VALUE_ACC(a0 * alpha[:, None], p, v0, vr, vr_mask, use_code, DOT_FP32, p_dt, phase == 1)
             if NV > 1:
-                a1 = _VALUE_DOT(a1 * alpha[:, None], p, vh, vs, vm, vr + 2 * VJ, vr_mask, use_code, 1, VJ, V_BITS,
-                                FAST, V_ASM, DOT_FP32, p_dt, BLOCK_N if phase == 0 else TN_TAIL, VE, phase == 1)
+                a1 = _VALUE_ACC(a1 * alpha[:, None], p, v1, vr + 2, vr_mask, use_code, DOT_FP32, p_dt, phase == 1)
             if NV > 2:
-                a2 = _VALUE_DOT(a2 * alpha[:, None], p, vh, vs, vm, vr + 4 * VJ, vr_mask, use_code, 2, VJ, V_BITS,
-                                FAST, V_ASM, DOT_FP32, p_dt, BLOCK_N if phase == 0 else TN_TAIL, VE, phase == 1)
-                a3 = _VALUE_DOT(a3 * alpha[:, None], p, vh, vs, vm, vr + 6 * VJ, vr_mask, use_code, 3, VJ, V_BITS,
-                                FAST, V_ASM, DOT_FP32, p_dt, BLOCK_N if phase == 0 else TN_TAIL, VE, phase == 1)
-            if NV > 4:
-                a4 = _VALUE_DOT(a4 * alpha[:, None], p, vh, vs, vm, vr + 8 * VJ, vr_mask, use_code, 4, VJ, V_BITS,
-                                FAST, V_ASM, DOT_FP32, p_dt, BLOCK_N if phase == 0 else TN_TAIL, VE, phase == 1)
-                a5 = _VALUE_DOT(a5 * alpha[:, None], p, vh, vs, vm, vr + 10 * VJ, vr_mask, use_code, 5, VJ, V_BITS,
-                                FAST, V_ASM, DOT_FP32, p_dt, BLOCK_N if phase == 0 else TN_TAIL, VE, phase == 1)
-                a6 = _VALUE_DOT(a6 * alpha[:, None], p, vh, vs, vm, vr + 12 * VJ, vr_mask, use_code, 6, VJ, V_BITS,
-                                FAST, V_ASM, DOT_FP32, p_dt, BLOCK_N if phase == 0 else TN_TAIL, VE, phase == 1)
-                a7 = _VALUE_DOT(a7 * alpha[:, None], p, vh, vs, vm, vr + 14 * VJ, vr_mask, use_code, 7, VJ, V_BITS,
-                                FAST, V_ASM, DOT_FP32, p_dt, BLOCK_N if phase == 0 else TN_TAIL, VE, phase == 1)
+                a2 = _VALUE_ACC(a2 * alpha[:, None], p, v2, vr + 4, vr_mask, use_code, DOT_FP32, p_dt, phase == 1)
+                a3 = _VALUE_ACC(a3 * alpha[:, None], p, v3, vr + 6, vr_mask, use_code, DOT_FP32, p_dt, phase == 1)
+            if NV > 4:  # (int16 lanes only)
+                v0 = _VALUE_PLANE(vh, vs, vm, 4, V_BITS, FAST, V_ASM)
+                a4 = _VALUE_ACC(a4 * alpha[:, None], p, v0, vr + 8, vr_mask, use_code, DOT_FP32, p_dt, phase == 1)
+                v1 = _VALUE_PLANE(vh, vs, vm, 5, V_BITS, FAST, V_ASM)
+                a5 = _VALUE_ACC(a5 * alpha[:, None], p, v1, vr + 10, vr_mask, use_code, DOT_FP32, p_dt, phase == 1)
+                v2 = _VALUE_PLANE(vh, vs, vm, 6, V_BITS, FAST, V_ASM)
+                a6 = _VALUE_ACC(a6 * alpha[:, None], p, v2, vr + 12, vr_mask, use_code, DOT_FP32, p_dt, phase == 1)
+                v3 = _VALUE_PLANE(vh, vs, vm, 7, V_BITS, FAST, V_ASM)
+                a7 = _VALUE_ACC(a7 * alpha[:, None], p, v3, vr + 14, vr_mask, use_code, DOT_FP32, p_dt, phase == 1)
 
     # merge the stacked rows of each query head (row r * GP + g: the tokens of key group r of every tile), as the
     # combine kernel merges splits; then store every plane at its channels
@@ -1082,24 +1201,27 @@ def _quant_plane_kernel(
         tl.store(Lse + row, lse, mask=out_valid)
     _STORE_PLANE(a0, l_safe, o_ptrs, out_valid)
     if NV > 1:
-        _STORE_PLANE(a1, l_safe, o_ptrs + 2 * VJ, out_valid)
+        _STORE_PLANE(a1, l_safe, o_ptrs + 2, out_valid)
     if NV > 2:
-        _STORE_PLANE(a2, l_safe, o_ptrs + 4 * VJ, out_valid)
-        _STORE_PLANE(a3, l_safe, o_ptrs + 6 * VJ, out_valid)
+        _STORE_PLANE(a2, l_safe, o_ptrs + 4, out_valid)
+        _STORE_PLANE(a3, l_safe, o_ptrs + 6, out_valid)
     if NV > 4:
-        _STORE_PLANE(a4, l_safe, o_ptrs + 8 * VJ, out_valid)
-        _STORE_PLANE(a5, l_safe, o_ptrs + 10 * VJ, out_valid)
-        _STORE_PLANE(a6, l_safe, o_ptrs + 12 * VJ, out_valid)
-        _STORE_PLANE(a7, l_safe, o_ptrs + 14 * VJ, out_valid)
+        _STORE_PLANE(a4, l_safe, o_ptrs + 8, out_valid)
+        _STORE_PLANE(a5, l_safe, o_ptrs + 10, out_valid)
+        _STORE_PLANE(a6, l_safe, o_ptrs + 12, out_valid)
+        _STORE_PLANE(a7, l_safe, o_ptrs + 14, out_valid)
 
 
 _PLANE_JIT = JITFunction(_quant_plane_kernel, do_not_specialize=[
     "n_qk", "n_qv", "kv_len", "num_splits", "Hkv", "lr_block", "rank_k", "rank_v", "TUNE_KEY"])
 
-_PLANE_FIXED_GPU_CONFIG = dict(BLOCK_N=128, VALUE_N=32, num_warps=4, num_stages=3)
-_PLANE_TAIL_N = 64  # tail tiles (phase 1) at most this long
+_PLANE_VALUE_N = 32  # value dot columns to aim for: 8 per warp at 4 warps (the kernel's VALUE_N)
+_PLANE_TAIL_N = 16  # tail (phase 1) tile: the fewest registers (the kernel's register count is its larger loop's)
+_INTERPRET_VALUE_N = 32  # (tests lower it to run the int16 value lanes at small head dims)
 _INTERPRET_TAIL_N = 16
-_PLANE_MAX_ROWS = 32  # stacked rows (key groups per tile x padded query heads) a config may use
+# Without autotuning: 4 warps, 128 tokens, registers capped at 168 (3 programs per SM; sm_90 SASS offline, d = 128,
+# G = 4, Triton 3.6: no spills in the bulk loop, ~27 (4 bits) / ~34 (2 bits) warp instructions per token).
+_PLANE_FIXED_GPU_CONFIG = dict(BLOCK_N=128, num_warps=4, num_stages=2, maxnreg=168)
 
 
 def _plane_rows(block_n: int, k_group: int, g_p2: int) -> int:
@@ -1108,18 +1230,20 @@ def _plane_rows(block_n: int, k_group: int, g_p2: int) -> int:
 
 
 def _plane_autotune_configs():
-    return [triton.Config({"BLOCK_N": n, "VALUE_N": 8 * w}, num_warps=w, num_stages=s) for n, w, s in [
-        (128, 4, 2), (128, 4, 3), (128, 4, 4), (128, 8, 2), (128, 8, 3),
-        (64, 4, 2), (64, 4, 3), (64, 4, 4), (64, 8, 3), (256, 8, 2), (32, 4, 3),
-    ]]
+    """4 warps only (a program's rows are one 16-row tensor-core tile, so more warps split the tokens and replicate
+    the query operands); 128-token tiles halve the per-tile costs, 64-token tiles need ~170 registers; caps of 168
+    (3 programs per SM) and 128 (4) trade spills for occupancy."""
+    return [triton.Config({"BLOCK_N": n, "VALUE_N": _PLANE_VALUE_N}, num_warps=4, num_stages=st, maxnreg=r)
+            for n, st, r in [(128, 2, 168), (128, 3, 168), (128, 2, None), (128, 2, 128), (64, 2, None),
+                             (64, 3, 168), (64, 2, 128), (32, 2, None)]]
 
 
 def _plane_prune_configs(configs, named_args, **kwargs):
-    """Keep the configs whose stacked rows fit: at most max(16, G) rows, i.e. the key groups of a tile fill the
-    padding of the 16-row tensor-core block rather than adding rows (then at most _PLANE_MAX_ROWS)."""
+    """Keep the configs whose stacked rows fit in max(16, G) (the key groups of a tile fill the padding of the
+    16-row tensor-core tile rather than adding rows)."""
     g_p2, k_group = kwargs["QGROUP_P2"], kwargs["K_GROUP"]
     rows = lambda c: _plane_rows(c.kwargs["BLOCK_N"], k_group, g_p2)  # noqa: E731
-    kept = [c for c in configs if rows(c) <= max(16, g_p2) and rows(c) <= _PLANE_MAX_ROWS]
+    kept = [c for c in configs if rows(c) <= max(16, g_p2)]
     return kept or [min(configs, key=lambda c: (rows(c), -c.kwargs["BLOCK_N"]))]
 
 
@@ -1132,20 +1256,29 @@ _PLANE_TUNED = triton.autotune(
 
 def _plane_fixed_config(k_group: int, g_p2: int) -> dict:
     """_PLANE_FIXED_GPU_CONFIG with BLOCK_N halved until the stacked rows fit (as _plane_prune_configs)."""
-    config = dict(_PLANE_FIXED_GPU_CONFIG)
-    while config["BLOCK_N"] > 16 and _plane_rows(config["BLOCK_N"], k_group, g_p2) > max(16, g_p2):
+    config = dict(_PLANE_FIXED_GPU_CONFIG, VALUE_N=_PLANE_VALUE_N)
+    while config["BLOCK_N"] > 32 and _plane_rows(config["BLOCK_N"], k_group, g_p2) > max(16, g_p2):
         config["BLOCK_N"] //= 2
     return config
 
 
-def _use_planes(keys: Quantized, values: Quantized, D: int, Dv: int, gear: bool, interpret: bool) -> bool:
-    """The plane-order kernel runs KIVI caches (no GEAR terms) unless KVFX_QUANT_PLANES=0; compiled, its plane dots
-    need K >= 16 (D // (16 // bits) lanes) and at least 16 value lanes."""
+def _plane_value_lanes(head_dv: int, bits: int, value_n: int) -> int:
+    """The plane kernel's value lanes per token (its VW): int16 lanes, or bytes when those are fewer than value_n."""
+    lanes = head_dv // (16 // bits)
+    return 2 * lanes if lanes < value_n and bits < 8 else lanes
+
+
+def _use_planes(keys: Quantized, values: Quantized, D: int, Dv: int, G: int, gear: bool, interpret: bool) -> bool:
+    """Whether the plane-order kernel runs: KIVI caches (GEAR terms run the split kernel) when KVFX_QUANT_PLANES
+    selects it.  Compiled, also: key dots of K >= 16 (D // (16 // bits) lanes), value dots at least 32 lanes wide
+    and at most 16 query heads per KV head (wider or taller dots would be replicated across warps, see
+    _value_acc); the split kernel runs the rest."""
     if gear or not _planes_enabled():
         return False
     if interpret:
         return True
-    return D // (16 // keys.bits) >= 16 and Dv // (16 // values.bits) >= 16
+    return (D // (16 // keys.bits) >= 16 and _plane_value_lanes(Dv, values.bits, _PLANE_VALUE_N) >= 32
+            and triton.next_power_of_2(G) <= 16)
 
 
 # --------------------------------------------------------------------------------------
@@ -1502,17 +1635,19 @@ def quant_decode_attention(
         RANK_PAD=_RANK_PAD, LR_ALIGN=lr_align,
     )
     grid = (B * Hkv * num_splits,)
-    if _use_planes(keys, values, D, Dv, k_gear is not None or v_gear is not None, interpret):
+    if _use_planes(keys, values, D, Dv, G, k_gear is not None or v_gear is not None, interpret):
         g_p2 = triton.next_power_of_2(G)
         k_rot, k_pos = _key_plane_table(keys.bits)
-        meta.update(QGROUP_P2=g_p2, K_CASM=_KEY_CODES_ASM, K_ROT=k_rot, K_POS=k_pos)
+        meta.update(QGROUP_P2=g_p2, K_CASM=_KEY_CODES_ASM, K_ROT=k_rot, K_POS=k_pos,
+                    V_ASM_BYTES=_asm_dequant_bytes(values.bits) if values.bits < 8 else "")
         if interpret:
             bn, tn = _INTERPRET_CONFIG["BLOCK_N"], _INTERPRET_TAIL_N  # (a tail tile smaller than the bulk's)
             chunk = -(-(-(-kv_len // num_splits)) // bn) * bn
             n_bulk = min(k_quantized, v_quantized) // bn * bn
             _da._interpreted(_quant_plane_kernel)[grid](
                 *args, **meta, STATIC=True, STATIC_BULK=-(-min(chunk, n_bulk) // bn),
-                STATIC_TAIL=-(-min(chunk, kv_len - n_bulk) // tn), VALUE_N=32, TAIL_N=tn, **_INTERPRET_CONFIG)
+                STATIC_TAIL=-(-min(chunk, kv_len - n_bulk) // tn), VALUE_N=_INTERPRET_VALUE_N, TAIL_N=tn,
+                **_INTERPRET_CONFIG)
         elif _da._autotune_enabled():
             _PLANE_TUNED[grid](*args, **meta, STATIC=False, STATIC_BULK=0, STATIC_TAIL=0, TAIL_N=_PLANE_TAIL_N)
         else:

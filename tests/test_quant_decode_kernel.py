@@ -1,21 +1,27 @@
 """Decode attention over a quantized cache (kvfx.kernels.quant_decode_attention): kernel == dequantize-then-attend.
 
 CPU: the kernels under the Triton interpreter (float32 dequantization and dots); GPU (``pytest -m gpu``): compiled,
-with the PTX float16 dequantization.  Each case quantizes random keys and values (keys and values quantized up to
-different points, as KIVI does, with stale codes and residual rows past the live ones that must not be read), adds
-residual tokens in q's dtype, a mask (none, bool, float) and optionally GEAR terms (two low-rank segments of
-different rank, outliers), and compares with the float32 reference on the same stored tensors:
+with the PTX float16 dequantization.  KIVI cases run both kernels (KVFX_QUANT_PLANES: the channel-order split
+kernel and the plane-order kernel; the latter with its value codes read as bytes, as it does when int16 lanes are
+too few, and as int16 lanes); GEAR cases run the split kernel.  Each case quantizes random keys and values (keys
+and values quantized up to different points, as KIVI does, with stale codes and residual rows past the live ones
+that must not be read), adds residual tokens in q's dtype, a mask (none, bool, float) and optionally GEAR terms
+(two low-rank segments of different rank, outliers), and compares with the float32 reference on the same stored
+tensors:
     max |kernel - ref| <= tol * max |ref|
   float32 1e-5 (interpreted: float32 everywhere, only summation order differs; observed ~1e-6);
   bfloat16 8e-3 (output rounding 2^-9 relative, doubled, and on the GPU the float16 dequantized tiles and
-  softmax weights, 2^-11 each); float16 2e-3 (output rounding 2^-11, the same float16 tiles and weights).
+  softmax weights, 2^-11 each; the plane kernel's float16 q * scale and key minimums, 2^-11 each); float16 2e-3
+  (output rounding 2^-11, the same float16 tiles and weights).
 The PTX itself is checked on the CPU by emulating its instructions bit for bit.
 """
 
+import contextlib
 import math
 import os
 import re
 import sys
+from unittest import mock
 
 import numpy as np
 import torch
@@ -47,6 +53,9 @@ from kvfx.kernels.quant_pack import (  # noqa: E402
 )
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 8e-3, torch.float16: 2e-3}
+# KIVI kernels: "split" (channel order), "planes" (plane order; value codes as bytes where int16 lanes are fewer
+# than the kernel's VALUE_N, i.e. always at the interpreter's head dims <= 64), "planes16" (int16 value lanes)
+PATHS = ["split", "planes", "planes16"]
 SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
 
 
@@ -114,6 +123,14 @@ def _case(seed, *, B=1, Hkv=2, G=2, D=32, Dv=32, kbits=4, vbits=4, kgroup=16, vg
     return args, kwargs
 
 
+@contextlib.contextmanager
+def _path(path):
+    """Run quant_decode_attention's KIVI cases on the given kernel (see PATHS)."""
+    with mock.patch.dict(os.environ, {"KVFX_QUANT_PLANES": "0" if path == "split" else "1"}), \
+            mock.patch.object(qda, "_INTERPRET_VALUE_N", 1 if path == "planes16" else qda._INTERPRET_VALUE_N):
+        yield
+
+
 def _reference(args, kwargs):
     q, keys, values, k_res, v_res = args
     kw = dict(kwargs)
@@ -135,6 +152,7 @@ def _check(out, ref, dtype, what=""):
 # --------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("path", PATHS)
 @settings(max_examples=25, **SETTINGS)
 @given(
     kbits=st.sampled_from([2, 4, 8]),
@@ -151,8 +169,8 @@ def _check(out, ref, dtype, what=""):
     num_splits=st.sampled_from([1, 2, 3]),
     seed=st.integers(0, 2**16),
 )
-def test_kernel_equals_reference(kbits, vbits, kgroup, vgroup, G, D, nq, res, dtype, mask_kind, softcap, num_splits,
-                                 seed):
+def test_kernel_equals_reference(path, kbits, vbits, kgroup, vgroup, G, D, nq, res, dtype, mask_kind, softcap,
+                                 num_splits, seed):
     vgroup = max(vgroup, 32 // vbits)  # a word of value codes stays in one group
     vgroup = min(vgroup, D)
     nqk = nq[0] * kgroup
@@ -162,7 +180,23 @@ def test_kernel_equals_reference(kbits, vbits, kgroup, vgroup, G, D, nq, res, dt
         kv_len, nqv = 1, 0
     args, kwargs = _case(seed, B=1, Hkv=2, G=G, D=D, Dv=D, kbits=kbits, vbits=vbits, kgroup=kgroup, vgroup=vgroup,
                          nqk=nqk, nqv=nqv, kv_len=kv_len, dtype=dtype, mask_kind=mask_kind, softcap=softcap)
-    _check(quant_decode_attention(*args, **kwargs, num_splits=num_splits), _reference(args, kwargs), dtype)
+    with _path(path):
+        out = quant_decode_attention(*args, **kwargs, num_splits=num_splits)
+    _check(out, _reference(args, kwargs), dtype, path)
+
+
+@pytest.mark.parametrize("path", ["planes", "planes16"])
+@pytest.mark.parametrize("bits", [(4, 4), (2, 2), (8, 4), (2, 8)])
+def test_plane_kernel_at_model_head_dim(path, bits):
+    """d = 128 as in the models (the planes as wide as on the GPU: 32 int16 key lanes at 4 bits, 16 at 2), four
+    query heads per KV head, key groups narrower than a tile (stacked rows) and wider, a bulk and a tail phase."""
+    kbits, vbits = bits
+    for kgroup, vgroup, nqk, nqv, kv_len, num_splits in [(16, 32, 96, 80, 100, 2), (64, 128, 64, 70, 90, 1)]:
+        args, kwargs = _case(kbits * 10 + vbits + kgroup, B=1, Hkv=2, G=4, D=128, Dv=128, kbits=kbits, vbits=vbits,
+                             kgroup=kgroup, vgroup=vgroup, nqk=nqk, nqv=nqv, kv_len=kv_len, mask_kind="bool")
+        with _path(path):
+            out = quant_decode_attention(*args, **kwargs, num_splits=num_splits)
+        _check(out, _reference(args, kwargs), torch.float32, f"{path} {bits} g{kgroup}")
 
 
 @settings(max_examples=8, **SETTINGS)
@@ -200,21 +234,49 @@ def test_reference_is_fake_quantize_then_attention(gear):
     assert torch.allclose(got, want, atol=1e-5, rtol=1e-5)
 
 
-def test_edges():
-    # nothing quantized yet: plain attention over the residual tokens
-    args, kwargs = _case(1, nqk=0, nqv=0, kv_len=20)
-    q, keys, values, k_res, v_res = args
-    want = decode_attention_reference(q, k_res[:, :, :20], v_res[:, :, :20], 20, scale=kwargs["scale"])
-    _check(quant_decode_attention(*args, **kwargs), want, torch.float32, "no codes")
-    # everything quantized, no residual token; more splits than tiles
-    args, kwargs = _case(2, nqk=64, nqv=64, kv_len=64)
-    _check(quant_decode_attention(*args, **kwargs, num_splits=5), _reference(args, kwargs), torch.float32, "no res")
-    # a row with every token masked gives zeros
-    args, kwargs = _case(3, B=2, nqk=32, nqv=40, kv_len=48, mask_kind="bool")
-    kwargs["mask"][1] = False
-    out = quant_decode_attention(*args, **kwargs, num_splits=2)
-    assert torch.equal(out[1], torch.zeros_like(out[1]))
-    _check(out[:1], _reference(args, kwargs)[:1], torch.float32, "masked row")
+@pytest.mark.parametrize("path", PATHS)
+def test_edges(path):
+    with _path(path):
+        # nothing quantized yet: plain attention over the residual tokens
+        args, kwargs = _case(1, nqk=0, nqv=0, kv_len=20)
+        q, keys, values, k_res, v_res = args
+        want = decode_attention_reference(q, k_res[:, :, :20], v_res[:, :, :20], 20, scale=kwargs["scale"])
+        _check(quant_decode_attention(*args, **kwargs), want, torch.float32, "no codes")
+        # everything quantized, no residual token; more splits than tiles
+        args, kwargs = _case(2, nqk=64, nqv=64, kv_len=64)
+        _check(quant_decode_attention(*args, **kwargs, num_splits=5), _reference(args, kwargs), torch.float32,
+               "no res")
+        # a row with every token masked gives zeros
+        args, kwargs = _case(3, B=2, nqk=32, nqv=40, kv_len=48, mask_kind="bool")
+        kwargs["mask"][1] = False
+        out = quant_decode_attention(*args, **kwargs, num_splits=2)
+        assert torch.equal(out[1], torch.zeros_like(out[1]))
+        _check(out[:1], _reference(args, kwargs)[:1], torch.float32, "masked row")
+
+
+def test_plane_kernel_selection_and_configs():
+    """Which inputs the plane kernel takes when compiled, and its launch configurations (pure Python)."""
+    keys4 = quantize_reference(torch.randn(1, 1, 32, 128), "keys", 4, 32)
+    vals2 = quantize_reference(torch.randn(1, 1, 32, 128), "values", 2, 32)
+    keys2_64 = quantize_reference(torch.randn(1, 1, 32, 64), "keys", 2, 32)
+    vals2_64 = quantize_reference(torch.randn(1, 1, 32, 64), "values", 2, 32)
+    with _path("planes"):
+        assert qda._use_planes(keys4, vals2, 128, 128, 4, False, False)  # 2-bit values: 32 byte lanes
+        assert not qda._use_planes(keys4, vals2, 128, 128, 4, True, False)  # GEAR: the split kernel
+        assert not qda._use_planes(keys2_64, vals2_64, 64, 64, 4, False, False)  # 8 key lanes: K < 16
+        assert not qda._use_planes(keys4, vals2, 128, 128, 32, False, False)  # 32 rows
+        assert qda._use_planes(keys2_64, vals2_64, 64, 64, 4, False, True)  # the interpreter takes everything
+    with _path("split"):
+        assert not qda._use_planes(keys4, vals2, 128, 128, 4, False, False)
+    assert qda._plane_value_lanes(128, 2, 32) == 32 and qda._plane_value_lanes(128, 4, 32) == 32
+    assert qda._plane_value_lanes(128, 8, 32) == 64 and qda._plane_value_lanes(64, 4, 32) == 32
+    configs = qda._plane_autotune_configs()
+    for g_p2, k_group in [(1, 16), (4, 32), (4, 16), (8, 32), (16, 32), (16, 128)]:
+        kept = qda._plane_prune_configs(configs, {}, QGROUP_P2=g_p2, K_GROUP=k_group)
+        assert kept and all(qda._plane_rows(c.kwargs["BLOCK_N"], k_group, g_p2) <= max(16, g_p2) for c in kept)
+        fixed = qda._plane_fixed_config(k_group, g_p2)
+        assert qda._plane_rows(fixed["BLOCK_N"], k_group, g_p2) <= max(16, g_p2), (g_p2, k_group, fixed)
+    assert all(c.num_warps == 4 for c in configs)
 
 
 def test_kv_bytes_counts_every_stored_tensor():
@@ -239,7 +301,7 @@ def _bits(x) -> int:
 
 
 def _emulate_ptx(asm: str, operands: dict) -> int:
-    """Run the five instructions the dequantization PTX uses on Python ints (32-bit registers)."""
+    """Run the instructions the dequantization PTX uses on Python ints (32-bit registers); returns the registers."""
     regs = dict(operands)
     val = lambda a: regs[a] if a in regs else int(a, 0)  # noqa: E731
     halves = lambda r: (_f16(r & 0xFFFF), _f16(r >> 16))  # noqa: E731
@@ -249,7 +311,15 @@ def _emulate_ptx(asm: str, operands: dict) -> int:
         ops = [o.strip() for o in rest.split(",")]
         if op == ".reg":
             continue
-        if op == "mov.b32":
+        if op in ("shr.b32", "shl.b32"):
+            a, c = val(ops[1]), val(ops[2])
+            assert 0 <= c < 32
+            regs[ops[0]] = (a >> c) if op == "shr.b32" else (a << c) & 0xFFFFFFFF
+        elif op == "prmt.b32":  # byte i of the result: byte (selector nibble i) & 7 of {b, a}
+            a, b, c = val(ops[1]), val(ops[2]), val(ops[3])
+            src = a | (b << 32)
+            regs[ops[0]] = sum(((src >> (8 * ((c >> (4 * i)) & 7))) & 0xFF) << (8 * i) for i in range(4))
+        elif op == "mov.b32":
             regs[ops[0]] = val(ops[1]) & 0xFFFFFFFF
         elif op == "shf.l.wrap.b32":  # funnel shift of {b, a} left by c mod 32, upper half; a == b: a rotation
             a, c = val(ops[1]), val(ops[3]) % 32
@@ -272,7 +342,7 @@ def _emulate_ptx(asm: str, operands: dict) -> int:
             regs[ops[0]] = pack(f(a0, b0, c0), f(a1, b1, c1))
         else:
             raise AssertionError(f"unexpected PTX instruction {op}")
-    return regs["$0"]
+    return regs
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
@@ -291,13 +361,69 @@ def test_ptx_dequantizes_each_plane(bits):
         s = [np.float16(rng.uniform(0.001, 3.0)) for _ in range(2)]
         off = [np.float16(rng.uniform(-40.0, 40.0)) for _ in range(2)]
         for k in range(planes):
-            out = _emulate_ptx(asm, {"$1": word, "$2": _bits(s[0]) | _bits(s[1]) << 16,
-                                     "$3": _bits(off[0]) | _bits(off[1]) << 16, "$4": qda._plane_rotation(bits, k)})
+            regs = _emulate_ptx(asm, {"$1": word, "$2": _bits(s[0]) | _bits(s[1]) << 16,
+                                      "$3": _bits(off[0]) | _bits(off[1]) << 16, "$4": qda._plane_rotation(bits, k)})
+            out = regs["$0"]
             for h in range(2):
                 code = codes[2 * k + h]
                 minimum = np.float64(off[h]) + bias * np.float64(s[h])  # exact in float64
                 want = np.float16(np.float64(code) * np.float64(s[h]) + minimum)
                 assert _bits(want) == (out >> (16 * h)) & 0xFFFF, (bits, k, h, code)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_key_ptx_gives_magic_plus_code_for_each_plane(bits):
+    """The plane kernel's key PTX: for every plane k, rotated and masked with _key_plane_consts(bits, k) (the
+    kernel rebuilds them from _key_plane_table), each float16 half is exactly C_k + code of its channel, C_k a power
+    of two; the planes share at most three rotations; C_k small (the bias cancels C_k q s in float32)."""
+    rng = np.random.default_rng(bits)
+    planes = 16 // bits
+    rot_table, pos_table = qda._key_plane_table(bits)
+    consts = [qda._key_plane_consts(bits, k) for k in range(planes)]
+    assert len({c[0] for c in consts}) <= 3 and max(c[4] for c in consts) <= 256
+    for k, (shift, a, mask, magic, C) in enumerate(consts):
+        assert (rot_table >> (5 * k)) & 31 == shift % 32 and (pos_table >> (4 * k)) & 15 == a
+        assert a + bits <= 10 and a >= max(shift, 0) and C == 2 ** (10 - a)
+    for _ in range(40):
+        word = int(rng.integers(0, 2**32))
+        codes = unpack_codes(torch.tensor([[word - (1 << 32) if word >= 1 << 31 else word]], dtype=torch.int32),
+                             bits)[0].tolist()
+        for k, (shift, a, mask, magic, C) in enumerate(consts):
+            out = _emulate_ptx(qda._KEY_CODES_ASM, {"$1": word, "$2": shift % 32, "$4": mask, "$6": magic})["$0"]
+            for h in range(2):
+                assert float(_f16((out >> (16 * h)) & 0xFFFF)) == C + codes[2 * k + h], (bits, k, h)
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_byte_ptx_dequantizes_every_plane(bits):
+    """The plane kernel's byte-lane value PTX: four bytes of a word (pack=4), every code of each, into
+    round16(code * scale + min) with the stored scale and offset of its byte (as test_ptx_dequantizes_each_plane),
+    plane k of bytes 0, 1 in output 2k, of bytes 2, 3 in output 2k + 1; byte j's codes are those of the word at
+    channels (j // 2) * P + 2k + j % 2... as the kernel maps them (lane 4w + j of word w)."""
+    asm = qda._asm_dequant_bytes(bits)
+    planes, n = 8 // bits, 2 * (8 // bits)
+    assert set(re.findall(r"\$\d+", asm)) == {f"${i}" for i in range(n + 5)}
+    rng = np.random.default_rng(10 + bits)
+    bias, P = offset_bias(bits), 16 // bits
+    for _ in range(40):
+        word = int(rng.integers(0, 2**32))
+        codes = unpack_codes(torch.tensor([[word - (1 << 32) if word >= 1 << 31 else word]], dtype=torch.int32),
+                             bits)[0].tolist()
+        s = [np.float16(rng.uniform(0.001, 3.0)) for _ in range(4)]
+        off = [np.float16(rng.uniform(-40.0, 40.0)) for _ in range(4)]
+        regs = _emulate_ptx(asm, {f"${n}": word, f"${n + 1}": _bits(s[0]) | _bits(s[1]) << 16,
+                                  f"${n + 2}": _bits(s[2]) | _bits(s[3]) << 16,
+                                  f"${n + 3}": _bits(off[0]) | _bits(off[1]) << 16,
+                                  f"${n + 4}": _bits(off[2]) | _bits(off[3]) << 16})
+        for k in range(planes):
+            for j in range(4):  # byte j: half j // 2, byte j % 2 of the half
+                channel = (j % 2) * P + 2 * k + j // 2  # (the kernel's vch0 for lane 4w + j, plane k; w = 0)
+                code = codes[channel]
+                assert code == (word >> (8 * j + k * bits)) & ((1 << bits) - 1)
+                minimum = np.float64(off[j]) + bias * np.float64(s[j])
+                want = np.float16(np.float64(code) * np.float64(s[j]) + minimum)
+                got = (regs[f"${2 * k + j // 2}"] >> (16 * (j % 2))) & 0xFFFF
+                assert _bits(want) == got, (bits, k, j, code)
 
 
 # --------------------------------------------------------------------------------------
@@ -363,24 +489,30 @@ def _gpu_case(seed, bits, group, dtype=torch.bfloat16, gear=False, T=4096, B=2, 
 
 @pytest.mark.gpu
 @compiled
+@pytest.mark.parametrize("planes", ["0", "1"])
 @pytest.mark.parametrize("bits", [2, 4, 8])
 @pytest.mark.parametrize("group", [32, 64, 128])
 @pytest.mark.usefixtures("fixed_config")
-def test_gpu_kernel_equals_reference(bits, group):
+def test_gpu_kernel_equals_reference(bits, group, planes, monkeypatch):
+    monkeypatch.setenv("KVFX_QUANT_PLANES", planes)
     args, kwargs = _gpu_case(bits * group, bits, group, T=4096 + 77)
-    _check(quant_decode_attention(*args, **kwargs), _reference(args, kwargs), torch.bfloat16, f"{bits}-bit g{group}")
+    _check(quant_decode_attention(*args, **kwargs), _reference(args, kwargs), torch.bfloat16,
+           f"{bits}-bit g{group} planes={planes}")
 
 
 @pytest.mark.gpu
 @compiled
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 @pytest.mark.parametrize("asm", ["1", "0"])
+@pytest.mark.parametrize("planes", ["0", "1"])
 @pytest.mark.usefixtures("fixed_config")
-def test_gpu_dtypes_and_plain_dequantization(dtype, asm, monkeypatch):
+def test_gpu_dtypes_and_plain_dequantization(dtype, asm, planes, monkeypatch):
     """float16 q (PTX path), float32 q (float32 dots), and KVFX_QUANT_ASM=0 (float32 dequantization on CUDA)."""
     monkeypatch.setenv("KVFX_QUANT_ASM", asm)
+    monkeypatch.setenv("KVFX_QUANT_PLANES", planes)
     args, kwargs = _gpu_case(7, 4, 64, dtype=dtype, T=3000, mask_kind="float")
-    _check(quant_decode_attention(*args, **kwargs), _reference(args, kwargs), dtype, f"{dtype} asm={asm}")
+    _check(quant_decode_attention(*args, **kwargs), _reference(args, kwargs), dtype,
+           f"{dtype} asm={asm} planes={planes}")
 
 
 @pytest.mark.gpu
@@ -394,8 +526,10 @@ def test_gpu_gear_equals_reference(bits):
 
 @pytest.mark.gpu
 @compiled
-def test_gpu_autotuned_and_quantize_kernel_path():
+@pytest.mark.parametrize("planes", ["0", "1"])
+def test_gpu_autotuned_and_quantize_kernel_path(planes, monkeypatch):
     """The autotuned launch (the default) on a cache quantized by the Triton quantizer."""
+    monkeypatch.setenv("KVFX_QUANT_PLANES", planes)
     gen = torch.Generator().manual_seed(3)
     T, nq = 8192 + 64, 8192
     xk = torch.randn(2, 8, T, 128, generator=gen).to(torch.bfloat16).cuda()
