@@ -18,8 +18,8 @@ the text. Passkey: 2048-token haystacks with the passkey line at depths 0, 0.1, 
 
 Goals (printed, and recorded in the JSON's ``meta.goals``): every 4-bit quantization-only row (kivi-4, gear-4) within
 1% of the full cache's perplexity, and gear-2's perplexity below kivi-2's. A goal whose rows were not measured (a
-spec kvfx cannot run yet becomes a skipped row with kvfx's message; so does a combination kvfx refuses at run time
-as "not supported yet", e.g. eviction with quantization) is reported as not measured, not as failed.
+spec kvfx refuses when compiling becomes a skipped row with kvfx's message) is reported as not measured, not as
+failed.
 
 Writes benchmarks/results/quant_quality.{json,md,png} (``$KVFX_RESULTS_DIR`` redirects them). Exits 1 if any spec
 failed with an error other than "not implemented" (not when a goal is missed: that is a finding, in the JSON).
@@ -53,7 +53,6 @@ QUANTIZED = {  # row name -> the default policy (quantize, and for the last row 
 NAMES = tuple(QUANTIZED)
 FOUR_BIT = ("kivi-4", "gear-4")  # the quantization-only 4-bit rows held to 1% of the full cache's perplexity
 TOLERANCE = 0.01
-UNSUPPORTED = "not supported yet"  # kvfx's run-time refusal of a combination (see unsupported_as_skipped)
 QUICK_RESIDUAL = 32  # --quick: the 128-token prompt would otherwise stay whole in the 128-token residual
 
 
@@ -148,8 +147,6 @@ def main(argv=None) -> int:
     json_file = results_path(f"{stem}.json")
     if args.plot_only:
         saved = json.loads(json_file.read_text())
-        for row in saved["rows"]:
-            unsupported_as_skipped(row)
         return _write(saved["rows"], saved["meta"], stem)
     earlier = []
     if args.append and json_file.exists():
@@ -158,8 +155,6 @@ def main(argv=None) -> int:
     compiler = args.compiler or ("inductor" if device == "cuda" else "aot_eager")
 
     def save(done):
-        for row in done:
-            unsupported_as_skipped(row)
         write_results(earlier + done, meta(earlier + done), stem)
 
     def meta(all_rows):
@@ -178,22 +173,11 @@ def main(argv=None) -> int:
 
     rows = evaluate_specs(model, specs, text, device=device, seed=args.seed, ppl_windows=args.ppl_windows,
                           compiler=compiler, on_row=save, **sizes)
-    for row in rows:
-        unsupported_as_skipped(row)
     status = _write(earlier + rows, meta(earlier + rows), stem)
     errors = [row["name"] for row in rows if row["status"] == "error"]
     if errors:
         print(f"failed: {', '.join(errors)}", file=sys.stderr)
     return 1 if errors else status
-
-
-def unsupported_as_skipped(row) -> None:
-    """A combination kvfx rejects at run time as "not supported yet" (today: eviction with quantization in one
-    layer, a KvfxCacheError rather than a compile-time SpecError) becomes a skipped row, as a method kvfx does not
-    implement does."""
-    if row.get("status") == "error" and UNSUPPORTED in row.get("message", ""):
-        row["status"] = "skipped"
-        row.pop("traceback", None)
 
 
 def write_results(rows, meta, stem) -> tuple[Path, Path]:
