@@ -12,7 +12,8 @@ Paths timed per budget:
   kvfx_step_<policy>   the whole per-layer decode step kvfx runs (EvictingLayerCache.decode: write the new token
                        into the free slot, attend with the slots' mask read at their positions, add the scores,
                        evict one slot) for window, h2o and keyformer (Gumbel scores)
-Two timers, each the median of single calls with the L2 cache flushed before each call (CUDA events):
+Two timers, each the median of single calls with the L2 cache flushed before each call (CUDA events), once per
+flush mode (``--flush``, default ``read,memset``; see :func:`l2_flush`), each mode with its own SDPA baseline:
   graph   the call captured once in a CUDA graph and replayed: the GPU time of the step (launch gaps shrunk; what
           CUDA graphs / mode="reduce-overhead" would see). The goal is stated on this timer, for every path alike.
   eager   the call launched from Python each time: adds host overhead (argument checks, Triton's launcher).
@@ -26,6 +27,7 @@ import os
 import statistics
 import sys
 import time
+from typing import Callable
 
 import torch
 
@@ -34,8 +36,32 @@ from kvfx.results import gpu_environment, gpu_slug, results_path, write_json
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def _time_ms(fn, warmup: int, reps: int, flush: torch.Tensor | None, graph: bool = False) -> float:
-    """Median CUDA-event time of one call (``graph``: of one replay of the call captured in a CUDA graph)."""
+FLUSHES = ("read", "memset", "none")
+
+
+def l2_flush(mode: str, device) -> Callable[[], object] | None:
+    """What runs before each timed call so that it starts with nothing of its operands in the L2 cache.
+
+    ``read``: read a 256 MB buffer (5x the H100's 50 MB L2), which leaves the L2 full of clean lines, as a decode
+    step finds it after the previous layer's weights were read. ``memset``: write zeros over that buffer, which leaves
+    the L2 full of dirty lines that the timed call then writes back to memory as it evicts them (up to ~50 MB of extra
+    traffic inside the timed region, the same for every path). ``none``: no flush."""
+    if mode == "none":
+        return None
+    buf = torch.ones(256 * 1024 * 1024 // 4, dtype=torch.int32, device=device)
+    if mode == "memset":
+        return buf.zero_
+    if mode == "read":
+        return buf.amax
+    raise ValueError(f"flush mode {mode!r}: expected one of {FLUSHES}")
+
+
+def _time_ms(fn, warmup: int, reps: int, flush, graph: bool = False) -> float:
+    """Median CUDA-event time of one call (``graph``: of one replay of the call captured in a CUDA graph).
+    ``flush`` runs before each timed call: a callable (:func:`l2_flush`), a tensor (zeroed: the memset flush) or
+    None."""
+    if isinstance(flush, torch.Tensor):
+        flush = flush.zero_
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
@@ -57,7 +83,7 @@ def _time_ms(fn, warmup: int, reps: int, flush: torch.Tensor | None, graph: bool
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
     for i in range(reps):
         if flush is not None:
-            flush.zero_()
+            flush()
         starts[i].record()
         call()
         ends[i].record()
@@ -185,7 +211,9 @@ def main(argv=None):
                    help="comma-separated store sizes as fractions of T, e.g. 0.1,0.2,0.3,0.5")
     p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--reps", type=int, default=200)
-    p.add_argument("--no-flush", action="store_true", help="do not flush the L2 cache before each timed call")
+    p.add_argument("--flush", default="read,memset",
+                   help=f"comma-separated L2 flush modes, each timed with its own baseline ({', '.join(FLUSHES)}; "
+                        "see l2_flush)")
     p.add_argument("--no-check", action="store_true", help="skip the float32 reference check")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/decode_eviction_<gpu>.json)")
     a = p.parse_args(argv)
@@ -196,6 +224,9 @@ def main(argv=None):
         p.error(f"--budgets must be comma-separated numbers, got {a.budgets!r}")
     if not budgets or not all(0.0 < b <= 1.0 for b in budgets):
         p.error(f"--budgets must be fractions in (0, 1], got {a.budgets!r}")
+    modes = [m.strip() for m in a.flush.split(",") if m.strip()]
+    if not modes or any(m not in FLUSHES for m in modes):
+        p.error(f"--flush must be comma-separated modes of {FLUSHES}, got {a.flush!r}")
     if not torch.cuda.is_available():
         print("decode_eviction benchmark: CUDA is not available; run it on a GPU machine.", file=sys.stderr)
         return 2
@@ -212,41 +243,46 @@ def main(argv=None):
     k_full = torch.randn(B, Hkv, T, D, device=dev, dtype=dtype)
     v_full = torch.randn(B, Hkv, T, D, device=dev, dtype=dtype)
     full_bytes = 2 * k_full.numel() * k_full.element_size()
-    flush = None if a.no_flush else torch.empty(256 * 1024 * 1024, dtype=torch.int8, device=dev)
 
     def sdpa():
         return torch.nn.functional.scaled_dot_product_attention(q[:, :, None], k_full, v_full, enable_gqa=True)
 
-    sdpa_ms = _time_both(sdpa, a.warmup, a.reps, flush)
-    print(f"\nB={B} T={T} Hq={Hq} Hkv={Hkv} D={D} {a.dtype}: full cache {full_bytes / 1e9:.3f} GB")
-    print(f"  {'':<22}{'graph ms':>10}{'TB/s':>8}{'speedup':>9}   {'eager ms':>10}{'speedup':>9}")
-    print(f"  {'sdpa_gqa_full':<22}{sdpa_ms['graph']:>10.4f}{full_bytes / (sdpa_ms['graph'] * 1e-3) / 1e12:>8.2f}"
-          f"{'':>9}   {sdpa_ms['eager']:>10.4f}")
-
-    results = []
-    for budget in budgets:
-        r = bench_budget(q, k_full, v_full, budget, warmup=a.warmup, reps=a.reps, flush=flush, check=not a.no_check)
-        r["speedup_vs_sdpa_gqa_full"] = {n: {timer: sdpa_ms[timer] / t[timer] for timer in t}
-                                         for n, t in r["ms"].items()}
-        results.append(r)
-        print(f"\n  budget {budget:g}: {r['slots']} slots, store {r['store_bytes'] / 1e9:.3f} GB, "
-              f"first calls {r['first_call_s']:.1f} s")
-        if r["rel_err"]:
-            print("  max rel err vs fp32 reference: " + "  ".join(f"{n} {e:.2e}" for n, e in r["rel_err"].items()))
-        for n, t in r["ms"].items():
-            up = r["speedup_vs_sdpa_gqa_full"][n]
-            print(f"  {n:<22}{t['graph']:>10.4f}{r['store_tb_per_s'][n]:>8.2f}{up['graph']:>8.2f}x   "
-                  f"{t['eager']:>10.4f}{up['eager']:>8.2f}x")
+    by_flush = {}
+    for mode in modes:
+        flush = l2_flush(mode, dev)
+        sdpa_ms = _time_both(sdpa, a.warmup, a.reps, flush)
+        print(f"\nL2 flush: {mode}\nB={B} T={T} Hq={Hq} Hkv={Hkv} D={D} {a.dtype}: full cache {full_bytes / 1e9:.3f} GB")
+        print(f"  {'':<22}{'graph ms':>10}{'TB/s':>8}{'speedup':>9}   {'eager ms':>10}{'speedup':>9}")
+        print(f"  {'sdpa_gqa_full':<22}{sdpa_ms['graph']:>10.4f}"
+              f"{full_bytes / (sdpa_ms['graph'] * 1e-3) / 1e12:>8.2f}{'':>9}   {sdpa_ms['eager']:>10.4f}")
+        results = []
+        for budget in budgets:
+            r = bench_budget(q, k_full, v_full, budget, warmup=a.warmup, reps=a.reps, flush=flush,
+                             check=not a.no_check and mode == modes[0])
+            r["speedup_vs_sdpa_gqa_full"] = {n: {timer: sdpa_ms[timer] / t[timer] for timer in t}
+                                             for n, t in r["ms"].items()}
+            results.append(r)
+            print(f"\n  budget {budget:g}: {r['slots']} slots, store {r['store_bytes'] / 1e9:.3f} GB, "
+                  f"first calls {r['first_call_s']:.1f} s")
+            if r["rel_err"]:
+                print("  max rel err vs fp32 reference: " + "  ".join(f"{n} {e:.2e}" for n, e in r["rel_err"].items()))
+            for n, t in r["ms"].items():
+                up = r["speedup_vs_sdpa_gqa_full"][n]
+                print(f"  {n:<22}{t['graph']:>10.4f}{r['store_tb_per_s'][n]:>8.2f}{up['graph']:>8.2f}x   "
+                      f"{t['eager']:>10.4f}{up['eager']:>8.2f}x")
+        by_flush[mode] = {"sdpa_gqa_full_ms": sdpa_ms, "results": results}
+        del flush
+        torch.cuda.empty_cache()
 
     payload = {
         **gpu_environment(),
         "shape": dict(B=B, T=T, Hq=Hq, Hkv=Hkv, D=D, dtype=a.dtype),
-        "timer": f"CUDA events, median of {a.reps} single calls after {a.warmup} warm-up calls"
-        + ("" if a.no_flush else ", L2 flushed (256 MB memset) before each call")
-        + "; graph: one replay of the call captured in a CUDA graph; eager: the call launched from Python",
-        "sdpa_gqa_full_ms": sdpa_ms,
+        "timer": f"CUDA events, median of {a.reps} single calls after {a.warmup} warm-up calls, the L2 flushed before "
+        "each call per flush mode (read: a 256 MB buffer read, leaving clean lines; memset: that buffer zeroed, "
+        "leaving dirty lines; none); graph: one replay of the call captured in a CUDA graph; eager: the call "
+        "launched from Python",
         "full_cache_bytes": full_bytes,
-        "results": results,
+        "flushes": by_flush,
     }
     path = write_json(a.out or results_path(f"decode_eviction_{gpu_slug(gpu)}.json"), payload)
     print(f"\nwrote {path}")

@@ -8,7 +8,9 @@ the per-layer time at 15% is (6 t(R=1) + 2 t(R=2)) / 8. Paths per R:
   kvfx_ragged_attention  the ragged decode kernel alone (kernels/ragged_decode_attention.py)
   kvfx_razor_step        the whole per-layer step (RaggedLayerCache.decode: one write kernel folds the window's
                          oldest token into the compensation token and writes the new one, then the attention)
-Timers as benchmarks/decode_eviction.py: CUDA-graph replays (the goal's timer) and eager calls, L2 flushed.
+Timers as benchmarks/decode_eviction.py: CUDA-graph replays (the goal's timer) and eager calls, the L2 flushed
+before each call, once per flush mode (default both: ``read``, which leaves clean lines as a decoder's weight reads
+do, and ``memset``, which leaves dirty lines the timed call must write back), each mode with its own SDPA baseline.
 Writes benchmarks/results/decode_razor_<gpu>.json.
 """
 
@@ -20,52 +22,42 @@ import sys
 import torch
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from decode_eviction import _time_both  # noqa: E402
+from decode_eviction import FLUSHES, _time_both, l2_flush  # noqa: E402
 
 from kvfx.results import gpu_environment, gpu_slug, results_path, write_json  # noqa: E402
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--seq", type=int, default=32768)
-    p.add_argument("--reps", type=int, default=100)
-    a = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("decode_razor: CUDA is not available", file=sys.stderr)
-        return 2
+def bench_flush(flush_mode: str, q, k_full, v_full, reps: int) -> dict:
+    """Every timing of one flush mode, its own SDPA baseline included (one run, side by side)."""
     from kvfx.eviction.ragged_cache import RaggedLayerCache
     from kvfx.kernels.ragged_decode_attention import ragged_decode_attention
     from kvfx.spec import EvictRazor
 
-    B, T, Hq, Hkv, D = 8, a.seq, 32, 8, 128
-    dev, dtype = "cuda", torch.bfloat16
-    torch.manual_seed(0)
-    q = torch.randn(B, Hq, D, device=dev, dtype=dtype)
-    k_full = torch.randn(B, Hkv, T, D, device=dev, dtype=dtype)
-    v_full = torch.randn(B, Hkv, T, D, device=dev, dtype=dtype)
-    flush = torch.empty(256 * 1024 * 1024, dtype=torch.int8, device=dev)
+    B, Hq, D = q.shape
+    Hkv = k_full.shape[1]
+    flush = l2_flush(flush_mode, q.device)
     sdpa = _time_both(lambda: torch.nn.functional.scaled_dot_product_attention(q[:, :, None], k_full, v_full,
-                                                                                enable_gqa=True), 10, a.reps, flush)
-    print(f"GPU {torch.cuda.get_device_name()}; B={B} T={T} Hq={Hq} Hkv={Hkv} D={D} bf16")
+                                                                                enable_gqa=True), 10, reps, flush)
+    print(f"L2 flush: {flush_mode}")
     print(f"  sdpa_gqa_full          graph {sdpa['graph']:.4f} ms   eager {sdpa['eager']:.4f} ms")
     config = EvictRazor(profile="unused.json")  # the defaults: sink 4, min_window 256, compress_ratio 5
     results = {}
     for retrieval in (1, 2):
         cache = RaggedLayerCache(0, [h < retrieval for h in range(Hkv)], config)
         cache.compress_prompt(None, k_full, v_full, None)
-        new = torch.randn(B, Hkv, 1, D, device=dev, dtype=dtype)
+        new = torch.randn(B, Hkv, 1, D, device=q.device, dtype=q.dtype)
 
         def kernel():
             return ragged_decode_attention(q, cache.k, cache.v, cache.pos, cache.offsets, cache.lengths,
                                            cache.comp_k, cache.comp_v, cache.comp_n,
                                            scale=D**-0.5, max_length=cache._max_length())
 
-        ms = {"kvfx_ragged_attention": _time_both(kernel, 10, a.reps, flush),
+        ms = {"kvfx_ragged_attention": _time_both(kernel, 10, reps, flush),
               "kvfx_razor_step": _time_both(lambda: cache.decode(q[:, :, None], new, new, None, scale=D**-0.5,
-                                                                 softcap=0.0), 10, a.reps, flush)}
+                                                                 softcap=0.0), 10, reps, flush)}
         kept = cache.kept_bytes
         results[retrieval] = dict(retrieval_heads=retrieval, window=cache.window, kept_bytes=kept,
-                                  full_bytes=2 * k_full.numel() * 2, ms=ms,
+                                  full_bytes=2 * k_full.numel() * k_full.element_size(), ms=ms,
                                   speedup={n: {t: sdpa[t] / v[t] for t in v} for n, v in ms.items()})
         for n, v in ms.items():
             print(f"  R={retrieval} {n:<22} graph {v['graph']:.4f} ms ({sdpa['graph'] / v['graph']:.2f}x)   "
@@ -76,11 +68,40 @@ def main(argv=None) -> int:
             for n in results[1]["ms"]}
     for n, v in at15.items():
         print(f"  15% (10 of 64 heads) {n:<22} graph {v['graph']:.4f} ms ({sdpa['graph'] / v['graph']:.2f}x)")
+    return {"sdpa_gqa_full_ms": sdpa, "per_retrieval_count": results, "at_15_percent_ms": at15,
+            "at_15_percent_speedup": {n: {t: sdpa[t] / v[t] for t in v} for n, v in at15.items()}}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--seq", type=int, default=32768)
+    p.add_argument("--reps", type=int, default=100)
+    p.add_argument("--flush", default="read,memset",
+                   help=f"comma-separated L2 flush modes, each timed with its own baseline ({', '.join(FLUSHES)}; "
+                        "see decode_eviction.l2_flush)")
+    p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/decode_razor_<gpu>.json)")
+    a = p.parse_args(argv)
+    modes = [m.strip() for m in a.flush.split(",") if m.strip()]
+    if not modes or any(m not in FLUSHES for m in modes):
+        p.error(f"--flush must be comma-separated modes of {FLUSHES}, got {a.flush!r}")
+    if not torch.cuda.is_available():
+        print("decode_razor: CUDA is not available", file=sys.stderr)
+        return 2
+
+    B, T, Hq, Hkv, D = 8, a.seq, 32, 8, 128
+    dev, dtype = "cuda", torch.bfloat16
+    torch.manual_seed(0)
+    q = torch.randn(B, Hq, D, device=dev, dtype=dtype)
+    k_full = torch.randn(B, Hkv, T, D, device=dev, dtype=dtype)
+    v_full = torch.randn(B, Hkv, T, D, device=dev, dtype=dtype)
+    print(f"GPU {torch.cuda.get_device_name()}; B={B} T={T} Hq={Hq} Hkv={Hkv} D={D} bf16")
+    by_flush = {mode: bench_flush(mode, q, k_full, v_full, a.reps) for mode in modes}
     payload = {**gpu_environment(), "shape": dict(B=B, T=T, Hq=Hq, Hkv=Hkv, D=D, dtype="bf16"),
-               "timer": "CUDA events, median of single calls, L2 flushed; graph: one CUDA-graph replay",
-               "sdpa_gqa_full_ms": sdpa, "per_retrieval_count": results, "at_15_percent_ms": at15,
-               "at_15_percent_speedup": {n: {t: sdpa[t] / v[t] for t in v} for n, v in at15.items()}}
-    path = write_json(results_path(f"decode_razor_{gpu_slug(torch.cuda.get_device_name())}.json"), payload)
+               "timer": f"CUDA events, median of {a.reps} single calls after 10 warm-up calls, the L2 flushed before "
+                        "each (per flush mode, see decode_eviction.l2_flush); graph: one CUDA-graph replay, eager: "
+                        "launched from Python",
+               "flushes": by_flush}
+    path = write_json(a.out or results_path(f"decode_razor_{gpu_slug(torch.cuda.get_device_name())}.json"), payload)
     print(f"wrote {path}")
     return 0
 

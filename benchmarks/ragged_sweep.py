@@ -2,18 +2,20 @@
 D=128 bf16, R = 1 and 2 retrieval heads of 8, the others sink 4 + window T/5 + a compensation token.
 
     python benchmarks/ragged_sweep.py          # prints one line per (R, BLOCK_N, warps, stages, splits)
+    python benchmarks/ragged_sweep.py --configs 64,4,2/128,4,2 --splits none,16,24 --flush read
 
 Times CUDA-graph replays with the L2 flushed (benchmarks/decode_eviction.py's timer), the comp buffers passed as
 the cache holds them (float32). Writes benchmarks/results/ragged_sweep_<gpu>.txt (or $KVFX_RESULTS_DIR)."""
 
 from __future__ import annotations
 
+import argparse
 import sys
 
 import torch
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from decode_eviction import _time_ms  # noqa: E402
+from decode_eviction import FLUSHES, _time_ms, l2_flush  # noqa: E402
 
 from kvfx.results import gpu_slug, results_path  # noqa: E402
 
@@ -21,7 +23,14 @@ CONFIGS = [(64, 4, 2), (64, 4, 3), (64, 8, 2), (128, 4, 2), (128, 8, 2), (32, 4,
 SPLITS = [None, 12, 16, 24, 32, 48, 64]
 
 
-def main() -> int:
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--configs", default=None, help="BLOCK_N,warps,stages triples joined by '/' (default: all)")
+    p.add_argument("--splits", default=None, help="comma-separated split counts, 'none' = the kernel's own")
+    p.add_argument("--flush", choices=FLUSHES, default="memset", help="decode_eviction.l2_flush")
+    a = p.parse_args(argv)
+    configs = CONFIGS if a.configs is None else [tuple(int(x) for x in c.split(",")) for c in a.configs.split("/")]
+    splits_list = SPLITS if a.splits is None else [None if x.strip() == "none" else int(x) for x in a.splits.split(",")]
     if not torch.cuda.is_available():
         print("ragged_sweep: CUDA is not available", file=sys.stderr)
         return 2
@@ -34,7 +43,7 @@ def main() -> int:
     q = torch.randn(B, Hq, D, device="cuda", dtype=torch.bfloat16)
     k_full = torch.randn(B, Hkv, T, D, device="cuda", dtype=torch.bfloat16)
     v_full = torch.randn(B, Hkv, T, D, device="cuda", dtype=torch.bfloat16)
-    flush = torch.empty(256 * 1024 * 1024, dtype=torch.int8, device="cuda")
+    flush = l2_flush(a.flush, "cuda")
     sdpa = _time_ms(lambda: torch.nn.functional.scaled_dot_product_attention(q[:, :, None], k_full, v_full,
                                                                              enable_gqa=True), 10, 50, flush,
                     graph=True)
@@ -47,10 +56,10 @@ def main() -> int:
         cache.compress_prompt(None, k_full, v_full, None)
         new = torch.randn(B, Hkv, 1, D, device="cuda", dtype=torch.bfloat16)
         cache.decode(q[:, :, None], new, new, None, scale=D**-0.5, softcap=0.0)  # grow once, as decoding does
-        for block_n, warps, stages in CONFIGS:
+        for block_n, warps, stages in configs:
             rda._fixed_gpu_config = lambda *_a, c=(block_n, warps, stages): dict(BLOCK_N=c[0], num_warps=c[1],
                                                                                  num_stages=c[2])
-            for splits in SPLITS:
+            for splits in splits_list:
                 def kernel():
                     return rda.ragged_decode_attention(q, cache.k, cache.v, cache.pos, cache.offsets, cache.lengths,
                                                        cache.comp_k, cache.comp_v, cache.comp_n, scale=D**-0.5,

@@ -219,7 +219,9 @@ def _decode_combine_kernel(
         s_valid = sp < num_splits
         lse = tl.load(Lse + pid * num_splits + sp, mask=s_valid, other=float("-inf"))
         w = tl.exp2(lse - m_use)
-        o = tl.load(Opart + (pid * num_splits + sp)[:, None] * HEAD_DIM + offs_d[None, :], mask=s_valid[:, None], other=0.0)
+        # an empty split (lse -inf) need not have written its partial output: it is not read
+        used = s_valid & (lse != float("-inf"))
+        o = tl.load(Opart + (pid * num_splits + sp)[:, None] * HEAD_DIM + offs_d[None, :], mask=used[:, None], other=0.0)
         acc += tl.reduce(o * w[:, None], 0, _SUM)
     out = acc / tl.where(denom == 0.0, 1.0, denom)
     tl.store(O + b * stride_ob + h * stride_oh + offs_d, out.to(O.dtype.element_ty))
@@ -437,6 +439,28 @@ def default_num_splits(batch: int, kv_heads: int, kv_len: int, sm_count: int | N
     return max(1, min(want, cap, _MAX_SPLITS))
 
 
+def combine_partials(opart: torch.Tensor, lse: torch.Tensor, out: torch.Tensor, *, interpret: bool) -> None:
+    """out[b, h] := the log-sum-exp weighted merge of the splits' normalised partial outputs.
+
+    opart ``[B, Hq, S, Dv]`` float32 and lse ``[B, Hq, S]`` float32 (log2 units, ``-inf``: an empty split), both
+    contiguous; out ``[B, Hq, Dv]`` with a contiguous last dim. One program per (row, query head) loads up to 16
+    splits per iteration (no serial chain of loads, whatever S is). The partial output of a split whose lse is
+    ``-inf`` (it attended nothing) is never read, so such a split may skip writing it; a head whose splits are all
+    empty gets zeros."""
+    B, Hq, num_splits, Dv = opart.shape
+    block_s = max(2, triton.next_power_of_2(num_splits))
+    chunk_s = min(block_s, 16)
+    combine = _interpreted(_decode_combine_kernel) if interpret else _COMBINE_JIT
+    combine[(B * Hq,)](
+        opart, lse, out,
+        out.stride(0), out.stride(1),
+        Hq, num_splits,
+        HEAD_DIM=Dv, BLOCK_S=block_s, CHUNK_S=chunk_s,
+        STATIC_CHUNKS=-(-num_splits // chunk_s) if interpret else 0,
+        num_warps=4 if Dv >= 128 else 2,
+    )
+
+
 def decode_attention(
     q, k, v, kv_len: int, *, mask=None, scale: float | None = None, softcap: float = 0.0, num_splits: int | None = None
 ) -> torch.Tensor:
@@ -522,17 +546,7 @@ def decode_attention(
         _SPLIT_JIT[grid](*args, **meta, STATIC_ITERS=0, **_fixed_gpu_config(D, q.element_size()))
 
     if not direct:
-        block_s = max(2, triton.next_power_of_2(num_splits))
-        chunk_s = min(block_s, 16)
-        combine = _interpreted(_decode_combine_kernel) if interpret else _COMBINE_JIT
-        combine[(B * Hq,)](
-            opart, lse, out,
-            out.stride(0), out.stride(1),
-            Hq, num_splits,
-            HEAD_DIM=D, BLOCK_S=block_s, CHUNK_S=chunk_s,
-            STATIC_CHUNKS=-(-num_splits // chunk_s) if interpret else 0,
-            num_warps=4 if D >= 128 else 2,
-        )
+        combine_partials(opart, lse, out, interpret=interpret)
     if out is not result:
         result.copy_(out)
     return result

@@ -1669,17 +1669,7 @@ def quant_decode_attention(
         _SPLIT_JIT[grid](*args, **meta, STATIC=False, STATIC_BULK=0, STATIC_TAIL=0, **config)
 
     if not direct:
-        block_s = max(2, triton.next_power_of_2(num_splits))
-        chunk_s = min(block_s, 16)
-        combine = _da._interpreted(_da._decode_combine_kernel) if interpret else _da._COMBINE_JIT
-        combine[(B * Hq,)](
-            opart, lse, out,
-            out.stride(0), out.stride(1),
-            Hq, num_splits,
-            HEAD_DIM=Dv, BLOCK_S=block_s, CHUNK_S=chunk_s,
-            STATIC_CHUNKS=-(-num_splits // chunk_s) if interpret else 0,
-            num_warps=4 if Dv >= 128 else 2,
-        )
+        _da.combine_partials(opart, lse, out, interpret=interpret)
     if out is not result:
         result.copy_(out)
     return result

@@ -30,8 +30,9 @@ Kernel design (:func:`ragged_decode_attention`): split-K as kvfx.kernels.scored_
   stops at its head's length, so a short head's later splits do no work.  Split 0 of each (row, head) starts its
   softmax with the compensation token (logit ``x_c``, value ``comp_v``) instead of an empty state.  Each split
   writes a normalised float32 partial output and its log2-sum-exp; with one split the final output directly.
-* Merge kernel, grid ``(B * Hkv,)`` (several splits only): combines the splits of the group's heads with
-  log-sum-exp weights, as the MERGE_OUT branch of scored_decode_attention's finish kernel.
+* Merge (several splits only): kvfx.kernels.decode_attention.combine_partials, one program per (row, query head)
+  that loads the splits' partial outputs in chunks of 16 (a serial load per split made the merge of a 27-split
+  retrieval head a chain of 27 memory latencies).
 * ``max_length`` is a host-side int bounding ``lengths`` (no device sync to find it): it only sizes the splits.
   Slots of a head past ``num_splits`` chunks of it are never read, so it must really bound every length (checked for
   CPU tensors; on the GPU a larger length is cut short).  Regions are clipped to the row's ``N`` slots, mask columns
@@ -260,50 +261,17 @@ def _ragged_split_kernel(
         tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=g_valid[:, None])
     else:
         # Lse: [B, Hq, num_splits] float32 (log2 units); Opart: [B, Hq, num_splits, Dv] float32, contiguous
+        # a split past its head's end (most of a short head's splits) writes only lse = -inf: the merge skips it
         part = row * num_splits + split
         tl.store(Lse + part, tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(l_safe)), mask=g_valid)
-        tl.store(Opart + part[:, None] * HEAD_DV + offs_dv[None, :], out, mask=g_valid[:, None])
-
-
-def _ragged_merge_kernel(
-    Opart, Lse, O,
-    stride_ob, stride_oh,
-    num_splits, Hkv,
-    GROUP: tl.constexpr,
-    BLOCK_G: tl.constexpr,  # >= GROUP, power of two (no tl.dot here: no padding to 16)
-    HEAD_DV: tl.constexpr,
-    BLOCK_SPL: tl.constexpr,  # >= num_splits, power of two
-    STATIC_SPLITS: tl.constexpr,  # > 0 (interpreter only): constexpr trip count of the merge loop
-):
-    bh = tl.program_id(0)
-    b = (bh // Hkv).to(tl.int64)
-    hk = (bh % Hkv).to(tl.int64)
-    offs_g = tl.arange(0, BLOCK_G)
-    g_valid = offs_g < GROUP
-    hq = hk * GROUP + offs_g
-    row = b * (Hkv * GROUP) + hq
-    offs_sp = tl.arange(0, BLOCK_SPL)
-    sp_mask = g_valid[:, None] & (offs_sp < num_splits)[None, :]
-    lse_all = tl.load(Lse + row[:, None] * num_splits + offs_sp[None, :], mask=sp_mask, other=float("-inf"))
-    m = tl.reduce(lse_all, 1, _MAX)
-    m_use = tl.where(m == float("-inf"), 0.0, m)  # every split empty: weights all 0, a zero output
-    den = tl.reduce(tl.exp2(lse_all - m_use[:, None]), 1, _SUM)
-    offs_dv = tl.arange(0, HEAD_DV)
-    acc = tl.full([BLOCK_G, HEAD_DV], 0.0, tl.float32)
-    for sp in range(0, STATIC_SPLITS if STATIC_SPLITS > 0 else num_splits):
-        w = tl.exp2(tl.load(Lse + row * num_splits + sp, mask=g_valid, other=float("-inf")) - m_use)
-        o = tl.load(Opart + (row * num_splits + sp)[:, None] * HEAD_DV + offs_dv[None, :],
-                    mask=g_valid[:, None], other=0.0)
-        acc += o * w[:, None]
-    out = acc / tl.where(den == 0.0, 1.0, den)[:, None]
-    o_ptrs = O + b * stride_ob + hq[:, None] * stride_oh + offs_dv[None, :]
-    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=g_valid[:, None])
+        work = tl.zeros([BLOCK_G], tl.int32) + (end > start).to(tl.int32) + has_comp.to(tl.int32)
+        written = g_valid & (work > 0)  # slots or the compensation token
+        tl.store(Opart + part[:, None] * HEAD_DV + offs_dv[None, :], out, mask=written[:, None])
 
 
 # Runtime ints that vary per call are not specialised (no recompiles as lengths, split counts or offsets change).
 _SPLIT_JIT = JITFunction(_ragged_split_kernel, do_not_specialize=["N", "max_length", "num_splits", "Hkv", "Tk",
                                                                   "mask_offset"])
-_MERGE_JIT = JITFunction(_ragged_merge_kernel, do_not_specialize=["num_splits", "Hkv"])
 
 
 def _smem_bytes(block_n: int, head_dim: int, head_dv: int, elem_size: int, stages: int) -> int:
@@ -572,15 +540,7 @@ def ragged_decode_attention(
         _SPLIT_JIT[grid](*args, **meta, STATIC_ITERS=0, **config)
 
     if not direct:
-        merge = _da._interpreted(_ragged_merge_kernel) if interpret else _MERGE_JIT
-        merge[(B * Hkv,)](
-            opart, lse, out,
-            out.stride(0), out.stride(1),
-            num_splits, Hkv,
-            GROUP=G, BLOCK_G=triton.next_power_of_2(G), HEAD_DV=Dv,
-            BLOCK_SPL=max(2, triton.next_power_of_2(num_splits)), STATIC_SPLITS=num_splits if interpret else 0,
-            num_warps=4,
-        )
+        _da.combine_partials(opart, lse, out, interpret=interpret)
     if out is not result:
         result.copy_(out)
     return result

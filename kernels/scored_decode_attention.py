@@ -273,9 +273,10 @@ def _scored_finish_kernel(
     BLOCK_G: tl.constexpr,  # >= GROUP, power of two (no tl.dot here: no padding to 16)
     HEAD_DV: tl.constexpr,
     BLOCK_SPL: tl.constexpr,  # >= num_splits, power of two
+    CHUNK_SPL: tl.constexpr,  # splits merged per iteration (power of two)
     BLOCK_S: tl.constexpr,  # slots per score program
     MERGE_OUT: tl.constexpr,  # num_splits > 1: the last program of axis 0 merges the partial outputs
-    STATIC_SPLITS: tl.constexpr,  # > 0 (interpreter only): constexpr trip count of the merge loop
+    STATIC_SPLITS: tl.constexpr,  # > 0 (interpreter only): constexpr trip count of the merge loop (chunks)
     EVICT: tl.constexpr,  # Score is the slot store's running score: add (ACCUMULATE) and rank slots for eviction
     ACCUMULATE: tl.constexpr,
 ):
@@ -339,12 +340,18 @@ def _scored_finish_kernel(
             m_use = tl.where(m == float("-inf"), 0.0, m)  # every split empty: weights all 0
             den = tl.reduce(tl.exp2(lse_all - m_use[:, None]), 1, _SUM)
             offs_dv = tl.arange(0, HEAD_DV)
+            offs_c = tl.arange(0, CHUNK_SPL)
             acc = tl.full([BLOCK_G, HEAD_DV], 0.0, tl.float32)
-            for sp in range(0, STATIC_SPLITS if STATIC_SPLITS > 0 else num_splits):
-                w = tl.exp2(tl.load(Lse + row * num_splits + sp, mask=g_valid, other=float("-inf")) - m_use)
-                o = tl.load(Opart + (row * num_splits + sp)[:, None] * HEAD_DV + offs_dv[None, :],
-                            mask=g_valid[:, None], other=0.0)
-                acc += o * w[:, None]
+            # CHUNK_SPL splits' partial outputs per iteration, loaded at once (a load per split would chain
+            # num_splits memory latencies)
+            for c in range(0, STATIC_SPLITS if STATIC_SPLITS > 0 else (num_splits + CHUNK_SPL - 1) // CHUNK_SPL):
+                sp = c * CHUNK_SPL + offs_c  # [CHUNK_SPL]
+                valid = g_valid[:, None] & (sp < num_splits)[None, :]  # [BLOCK_G, CHUNK_SPL]
+                part = row[:, None] * num_splits + sp[None, :]
+                w = tl.exp2(tl.load(Lse + part, mask=valid, other=float("-inf")) - m_use[:, None])
+                o = tl.load(Opart + part[:, :, None] * HEAD_DV + offs_dv[None, None, :], mask=valid[:, :, None],
+                            other=0.0)  # [BLOCK_G, CHUNK_SPL, HEAD_DV]
+                acc += tl.reduce(o * w[:, :, None], 1, _SUM)
             out = acc / tl.where(den == 0.0, 1.0, den)[:, None]
             o_ptrs = O + b * stride_ob + hq[:, None] * stride_oh + offs_dv[None, :]
             tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=g_valid[:, None])
@@ -624,13 +631,15 @@ def launch(q, k, v, bias, score, *, scale, softcap, gumbel, qpos, kpos, num_spli
         seen = int(evict.seen)
     else:
         evict_args, seen = (score,) * 9, 0
+    block_spl = max(2, triton.next_power_of_2(num_splits))
+    chunk_spl = min(block_spl, max(2, 4096 // (block_g * Dv)))  # <= 4096 partial-output floats per iteration
     finish = _da._interpreted(_scored_finish_kernel) if interpret else _FINISH_JIT
     finish[(programs, B * Hkv)](
         y, lse, lse_y, opart, out, score, *evict_args,
         out.stride(0), out.stride(1),
         S, num_splits, Hkv, seen,
-        GROUP=G, BLOCK_G=block_g, HEAD_DV=Dv, BLOCK_SPL=max(2, triton.next_power_of_2(num_splits)),
-        BLOCK_S=block_s, MERGE_OUT=not direct, STATIC_SPLITS=num_splits if interpret else 0,
+        GROUP=G, BLOCK_G=block_g, HEAD_DV=Dv, BLOCK_SPL=block_spl, CHUNK_SPL=chunk_spl,
+        BLOCK_S=block_s, MERGE_OUT=not direct, STATIC_SPLITS=-(-num_splits // chunk_spl) if interpret else 0,
         EVICT=evict is not None, ACCUMULATE=evict is not None and evict.accumulate,
         num_warps=4,
     )

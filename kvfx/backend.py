@@ -69,7 +69,7 @@ def rewrite_graph(gm: GraphModule, spec: Spec) -> RewriteReport:
     plan_id = register_plan(spec, len(sites), kv_heads(sites)) if sites else -1
     tokens = prompt_length(sites)
     if plan_id >= 0:
-        check_profiles(plan(plan_id))
+        check_profiles(plan(plan_id), traced_model_config())
         check_quantization(plan(plan_id), head_dims(sites))
     if plan_id >= 0 and tokens is not None:  # a prefill graph of a known length: budgets can be checked now
         check_prompt_budgets(plan(plan_id), tokens)
@@ -92,6 +92,24 @@ def rewrite_graph(gm: GraphModule, spec: Spec) -> RewriteReport:
     return report
 
 
+def traced_model_config():
+    """The transformers config of the model whose forward dynamo is compiling now, or None where it cannot be seen
+    (a graph handed to :func:`rewrite_graph` directly, an object without a config).
+
+    A graph carries no config, but the frame dynamo traces does: for ``torch.compile(model.forward)`` its first
+    local is the model. Read through dynamo's current instruction translator (internal API; any failure: None)."""
+    try:
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+
+        tx = InstructionTranslator.current_tx()
+        names = tx.f_code.co_varnames if tx is not None else ()
+        owner = tx.f_locals.get(names[0]) if names else None
+    except Exception:  # noqa: BLE001 - internal API: absent or changed means "unknown", never an error
+        return None
+    config = getattr(owner, "config", None)
+    return config if callable(getattr(config, "to_dict", None)) else None
+
+
 def _compile(gm: GraphModule, example_inputs, compiler: str):
     if compiler == "eager":
         return gm.forward
@@ -108,4 +126,4 @@ def _compile(gm: GraphModule, example_inputs, compiler: str):
     return compile_fx(gm, example_inputs)
 
 
-__all__ = ["kvfx_backend", "rewrite_graph", "BackendOptions", "REPORTS"]
+__all__ = ["kvfx_backend", "rewrite_graph", "traced_model_config", "BackendOptions", "REPORTS"]

@@ -31,7 +31,7 @@ import torch
 from pydantic import Field, model_validator
 from torch import Tensor
 
-__all__ = ["HeadProfile", "ProfileError", "config_hash", "copy_scores", "layer_scores", "load_profile",
+__all__ = ["HeadProfile", "ProfileError", "check_made_for", "config_hash", "copy_scores", "layer_scores", "load_profile",
            "probe_ids", "probe_length", "profile_heads", "select_retrieval_heads"]
 
 COPIES = 4
@@ -257,11 +257,17 @@ def load_profile(path: str | Path, config=None) -> HeadProfile:
         problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'file'}: {e['msg']}" for e in err.errors())
         raise ProfileError(f"{path} is not a valid retrieval-head profile ({problems}); make one with: {COMMAND}") \
             from None
-    if config is not None and profile.config_hash != config_hash(config):
+    if config is not None:
+        check_made_for(profile, config, path)
+    return profile
+
+
+def check_made_for(profile: HeadProfile, config, path: str | Path) -> None:
+    """Raise :class:`ProfileError` unless ``profile`` (read from ``path``) was made for the model of ``config``."""
+    if profile.config_hash != config_hash(config):
         raise ProfileError(f"{path} was made for another model ({profile.model}, config hash "
                            f"{profile.config_hash[:12]}, this model's is {config_hash(config)[:12]}); profile this "
                            f"model with: {COMMAND}")
-    return profile
 
 
 def plot_profile(profile: HeadProfile, path: str | Path) -> Path:

@@ -40,15 +40,16 @@ def check_prompt_budgets(resolved: Plan, prompt_tokens: int) -> None:
                 )
 
 
-def check_profiles(resolved: Plan) -> None:
-    """Raise a SpecError unless every razor policy's retrieval-head profile exists, is valid, and fits the model."""
+def check_profiles(resolved: Plan, model_config=None) -> None:
+    """Raise a SpecError unless every razor policy's retrieval-head profile exists, is valid, and fits the model
+    (its layers and KV heads; with ``model_config``, the model's transformers config, its config hash too)."""
     from kvfx.eviction.razor import check_profile
     from kvfx.head_profile import ProfileError
 
     configs = {p.evict.describe(): p.evict for row in resolved.policies for p in row if p.evict.method == "razor"}
     for config in configs.values():
         try:
-            check_profile(config, resolved.num_layers, resolved.num_kv_heads)
+            check_profile(config, resolved.num_layers, resolved.num_kv_heads, model_config)
         except ProfileError as err:
             raise SpecError(f"{resolved.source or '<spec>'}: evict.profile: {err}") from None
 

@@ -160,6 +160,17 @@ def test_bf16_interpreted(num_splits):
     assert ((out.float() - ref).abs() <= bound).all()
 
 
+def test_many_splits_interpreted():
+    """20 splits of full 640-slot heads: the merge takes the partial outputs 16 at a time (two chunks, the second
+    partly empty), and the last splits hold real slots."""
+    args, kwargs = _case("cpu", torch.float32, B=2, Hkv=2, G=2, D=32, Dv=32, max_cap=640, min_cap=640,
+                         mask_kind="none", softcap=0.0, num_splits=20, seed=21)
+    args[5].fill_(640)  # every head full: its stale slots hold valid positions (see _case)
+    kwargs["max_length"] = 640
+    out = ragged_decode_attention(*args, **kwargs, num_splits=20)
+    _compare(out, _reference(args, kwargs), "cpu", torch.float32)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("mask_kind", ["bool", "alibi"])
 @pytest.mark.parametrize("num_splits", [None, 7])

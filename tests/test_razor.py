@@ -206,3 +206,24 @@ def test_razor_profile_problems_fail_at_compile_time(tiny_profile, tmp_path):
         spec = {"version": 1, "default": {"evict": {"method": "razor", "profile": str(profile)}}}
         with pytest.raises(Exception, match=message), torch.no_grad():
             generate(compiled("llama", "sdpa", spec), ids, mask, 1)
+
+
+def test_a_profile_of_another_model_of_the_same_shape_fails_at_compile_time(tiny_profile, tmp_path):
+    """Same layers and KV heads, another model (its config hash): the compile step reads the compiled model's
+    config through dynamo and refuses the profile; the model's own profile compiles (the test above)."""
+    import json
+
+    from families import left_padded_batch
+    from test_eviction_models import compiled, generate
+
+    other = json.loads(tiny_profile.read_text())
+    other.update(model="tiny-llama-finetune", config_hash="0" * 64)
+    path = tmp_path / "other.json"
+    path.write_text(json.dumps(other))
+    ids, mask = left_padded_batch([10], seed=4)
+    spec = {"version": 1, "default": {"evict": {"method": "razor", "profile": str(path)}}}
+    with pytest.raises(Exception, match=r"evict.profile: .*other.json was made for another model "
+                                        r"\(tiny-llama-finetune, config hash 000000000000, this model's is [0-9a-f]{12}\); "
+                                        r"profile this model with: kvfx profile-heads MODEL"), torch.no_grad():
+        generate(compiled("llama", "sdpa", spec), ids, mask, 1)
+

@@ -168,23 +168,28 @@ def test_kernel_matches_reference(c):
 
 @pytest.mark.parametrize("gumbel", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_gqa8_d128_store_slice_many_splits(gumbel, dtype):
-    """The benchmark's shape class (G=4, D=128) on a slice of a bigger store, 7 splits of an odd slot count."""
+@pytest.mark.parametrize("num_splits", [7, 19])
+def test_gqa8_d128_store_slice_many_splits(gumbel, dtype, num_splits):
+    """The benchmark's shape class (G=4, D=128) on a slice of a bigger store: 7 splits of an odd slot count, or 19
+    splits that all hold slots (the finish kernel merges the partial outputs 8 splits at a time, the last chunk
+    partly empty)."""
     gen = torch.Generator().manual_seed(1)
-    B, Hkv, G, D, S = 2, 2, 4, 128, 203
-    store_k = torch.randn(B, Hkv, 300, D, generator=gen).to(dtype)
-    store_v = torch.randn(B, Hkv, 300, D, generator=gen).to(dtype)
+    B, Hkv, G, D = 2, 2, 4, 128
+    S = 203 if num_splits == 7 else 600  # 600 = 19 splits of 32 slots (the interpreter's BLOCK_N), the last short
+    live = S - 13
+    store_k = torch.randn(B, Hkv, S + 100, D, generator=gen).to(dtype)
+    store_v = torch.randn(B, Hkv, S + 100, D, generator=gen).to(dtype)
     k, v = store_k[:, :, 50 : 50 + S], store_v[:, :, 50 : 50 + S]
     q = torch.randn(B, Hkv * G, D, generator=gen).to(dtype)
     bias = torch.zeros(B, 1, S)
-    bias[:, :, 190:] = float("-inf")  # empty slots at the end of the store
+    bias[:, :, live:] = float("-inf")  # empty slots at the end of the store
     kw = dict(scale=D**-0.5)
     if gumbel:
-        kw.update(gumbel=GumbelScores(5, 11, 0.5), qpos=torch.tensor([400, 250]),
+        kw.update(gumbel=GumbelScores(5, 11, 0.5), qpos=torch.tensor([S + 200, S + 50]),
                   kpos=torch.arange(S).repeat(B, Hkv, 1))
-    out, score = scored_decode_attention(q, k, v, bias, num_splits=7, **kw)
+    out, score = scored_decode_attention(q, k, v, bias, num_splits=num_splits, **kw)
     _check(out, score, *_ref32(q, k, v, bias, **kw), dtype)
-    assert torch.equal(score[:, :, 190:], torch.zeros_like(score[:, :, 190:]))
+    assert torch.equal(score[:, :, live:], torch.zeros_like(score[:, :, live:]))
     torch.testing.assert_close(score.sum(-1), torch.full((B, Hkv), float(G)))
 
 

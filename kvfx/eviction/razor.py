@@ -32,18 +32,20 @@ def retrieval_heads(config) -> set[tuple[int, int]]:
                                       config.echo_ratio, config.induction_ratio))
 
 
-def check_profile(config, num_layers: int, num_kv_heads: int) -> None:
-    """Raise :class:`kvfx.head_profile.ProfileError` unless the config's profile exists, is valid, and has this
-    model's number of attention layers and KV heads (the compile step's check; the config hash needs the model's
-    config, which a compiled graph does not carry)."""
+def check_profile(config, num_layers: int, num_kv_heads: int, model_config=None) -> None:
+    """Raise :class:`kvfx.head_profile.ProfileError` unless the config's profile exists, is valid, has this
+    model's number of attention layers and KV heads and, where the model's transformers config is known
+    (``model_config``), was made for that model (its config hash): the compile step's check."""
+    from kvfx.head_profile import COMMAND, ProfileError, check_made_for
+
     path = Path(config.profile)
     profile = _profile(str(path), path.stat().st_mtime if path.is_file() else 0.0)
     if (profile.num_layers, profile.num_kv_heads) != (num_layers, num_kv_heads):
-        from kvfx.head_profile import COMMAND, ProfileError
-
         raise ProfileError(f"{path} profiles {profile.num_layers} layers x {profile.num_kv_heads} KV heads "
                            f"({profile.model}), but this model has {num_layers} x {num_kv_heads}: it was made for "
                            f"another model; profile this one with: {COMMAND}")
+    if model_config is not None:
+        check_made_for(profile, model_config, path)
 
 
 def window_size(config, prompt: int) -> int:
