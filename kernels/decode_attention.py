@@ -277,40 +277,11 @@ _SPLIT_TUNED = triton.autotune(
 )(_SPLIT_JIT)
 
 
-class TunedLauncher:
-    """Launch an autotuned kernel through the autotuner only until its key is tuned, then as the plain JIT kernel
-    with the chosen config.
-
-    ``triton.autotune``'s ``run`` rebuilds its argument dict, its key and the config list on every call: tens of
-    microseconds of host time per launch, paid at every decode step of every layer (the host, not the GPU, bounds
-    a small-batch decode step). The key here is at least as fine as the autotuner's: the tuning key, every
-    constexpr and the dtype of every tensor argument."""
-
-    def __init__(self, tuned, jit: JITFunction):
-        self._tuned, self._jit = tuned, jit
-        self._chosen: dict[tuple, dict] = {}
-
-    def __call__(self, grid, args: tuple, meta: dict, tune_key) -> None:
-        key = (tune_key, tuple(sorted(meta.items())),
-               tuple(str(a.dtype) for a in args if isinstance(a, torch.Tensor)))
-        config = self._chosen.get(key)
-        if config is not None:
-            self._jit[grid](*args, **meta, **config)
-            return
-        self._tuned[grid](*args, **meta)
-        best = getattr(self._tuned, "best_config", None)
-        if best is not None:
-            self._chosen[key] = best.all_kwargs()
-
-
 def _fixed_gpu_config(head_dim: int, elem_size: int) -> dict:
     for block_n, stages in ((64, 3), (64, 2), (32, 3), (32, 2), (16, 2)):
         if _smem_bytes(block_n, head_dim, elem_size, stages) <= _SMEM_BUDGET:
             return dict(BLOCK_N=block_n, num_warps=4, num_stages=stages)
     return dict(BLOCK_N=16, num_warps=4, num_stages=1)
-
-
-_SPLIT_LAUNCH = TunedLauncher(_SPLIT_TUNED, _SPLIT_JIT)
 
 
 def _autotune_enabled() -> bool:
@@ -570,7 +541,7 @@ def decode_attention(
         chunk_blocks = -(-(-(-kv_len // num_splits)) // bn)  # cdiv(cdiv(kv_len, splits), BLOCK_N)
         _interpreted(_decode_split_kernel)[grid](*args, **meta, STATIC_ITERS=max(chunk_blocks, 1), **_INTERPRET_CONFIG)
     elif _autotune_enabled():
-        _SPLIT_LAUNCH(grid, args, {**meta, "STATIC_ITERS": 0}, args[-1])
+        _SPLIT_TUNED[grid](*args, **meta, STATIC_ITERS=0)
     else:
         _SPLIT_JIT[grid](*args, **meta, STATIC_ITERS=0, **_fixed_gpu_config(D, q.element_size()))
 

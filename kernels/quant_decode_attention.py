@@ -638,7 +638,6 @@ _SPLIT_TUNED = triton.autotune(
          "K_OUTLIERS", "V_OUTLIERS", "MASK_KIND", "TUNE_KEY"],
     prune_configs_by={"early_config_prune": _prune_configs},
 )(_SPLIT_JIT)
-_SPLIT_LAUNCH = _da.TunedLauncher(_SPLIT_TUNED, _SPLIT_JIT)
 
 
 # --------------------------------------------------------------------------------------
@@ -1253,7 +1252,6 @@ _PLANE_TUNED = triton.autotune(
     key=["HEAD_DIM", "HEAD_DV", "QGROUP", "K_BITS", "V_BITS", "K_GROUP", "V_GROUP", "MASK_KIND", "TUNE_KEY"],
     prune_configs_by={"early_config_prune": _plane_prune_configs},
 )(_PLANE_JIT)
-_PLANE_LAUNCH = _da.TunedLauncher(_PLANE_TUNED, _PLANE_JIT)
 
 
 def _plane_fixed_config(k_group: int, g_p2: int) -> dict:
@@ -1651,8 +1649,7 @@ def quant_decode_attention(
                 STATIC_TAIL=-(-min(chunk, kv_len - n_bulk) // tn), VALUE_N=_INTERPRET_VALUE_N, TAIL_N=tn,
                 **_INTERPRET_CONFIG)
         elif _da._autotune_enabled():
-            _PLANE_LAUNCH(grid, args, {**meta, "STATIC": False, "STATIC_BULK": 0, "STATIC_TAIL": 0,
-                                       "TAIL_N": _PLANE_TAIL_N}, args[-1])
+            _PLANE_TUNED[grid](*args, **meta, STATIC=False, STATIC_BULK=0, STATIC_TAIL=0, TAIL_N=_PLANE_TAIL_N)
         else:
             _PLANE_JIT[grid](*args, **meta, STATIC=False, STATIC_BULK=0, STATIC_TAIL=0, TAIL_N=_PLANE_TAIL_N,
                              **_plane_fixed_config(keys.group, g_p2))
@@ -1665,7 +1662,7 @@ def quant_decode_attention(
             *args, **meta, STATIC=True, STATIC_BULK=-(-min(chunk, n_bulk) // bn),
             STATIC_TAIL=-(-min(chunk, kv_len - n_bulk) // bn), **config)
     elif _da._autotune_enabled():
-        _SPLIT_LAUNCH(grid, args, {**meta, "STATIC": False, "STATIC_BULK": 0, "STATIC_TAIL": 0}, args[-1])
+        _SPLIT_TUNED[grid](*args, **meta, STATIC=False, STATIC_BULK=0, STATIC_TAIL=0)
     else:
         config = dict(_FIXED_GPU_CONFIG)
         config["BLOCK_N"] = min(config["BLOCK_N"], lr_align or config["BLOCK_N"])

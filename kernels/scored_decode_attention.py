@@ -378,7 +378,6 @@ _SPLIT_TUNED = triton.autotune(
     key=["HEAD_DIM", "HEAD_DV", "GROUP", "GUMBEL", "TUNE_KEY"],  # the autotuner appends the tensor dtypes itself
     prune_configs_by={"early_config_prune": _prune_configs},
 )(_SPLIT_JIT)
-_SPLIT_LAUNCH = _da.TunedLauncher(_SPLIT_TUNED, _SPLIT_JIT)
 
 
 def _fixed_gpu_config(head_dim: int, head_dv: int, elem_size: int) -> dict:
@@ -617,7 +616,7 @@ def launch(q, k, v, bias, score, *, scale, softcap, gumbel, qpos, kpos, num_spli
         iters = max(-(-(-(-S // num_splits)) // bn), 1)
         _da._interpreted(_scored_split_kernel)[grid](*args, **meta, STATIC_ITERS=iters, **_da._INTERPRET_CONFIG)
     elif _da._autotune_enabled():
-        _SPLIT_LAUNCH(grid, args, {**meta, "STATIC_ITERS": 0}, args[-1])
+        _SPLIT_TUNED[grid](*args, **meta, STATIC_ITERS=0)
     else:
         _SPLIT_JIT[grid](*args, **meta, STATIC_ITERS=0, **_fixed_gpu_config(D, Dv, q.element_size()))
 

@@ -342,32 +342,3 @@ def test_default_num_splits_heuristic():
     assert default_num_splits(1, 8, 2048, 132) == 4  # >= 512 keys per split
     assert default_num_splits(2, 2, 1000, None) <= 2  # CPU / interpreter: small
     assert default_num_splits(2, 2, 0, 132) == 1
-
-
-def test_tuned_launcher_tunes_once_per_key_then_launches_the_plain_kernel():
-    """The autotuner runs on a key's first launch; later launches of that key go straight to the JIT kernel with
-    the config it chose; another dtype or constexpr is another key."""
-    from types import SimpleNamespace
-
-    from kvfx.kernels.decode_attention import TunedLauncher
-
-    calls = []
-
-    class Fake:
-        def __init__(self, name):
-            self.name = name
-
-        def __getitem__(self, grid):
-            return lambda *args, **kw: calls.append((self.name, grid, len(args), kw))
-
-    tuned = Fake("tuned")
-    tuned.best_config = SimpleNamespace(all_kwargs=lambda: {"BLOCK_N": 128, "num_warps": 8})
-    launch = TunedLauncher(tuned, Fake("jit"))
-    f32, f16 = torch.zeros(1), torch.zeros(1, dtype=torch.float16)
-    launch((4,), (f32, 3), {"HEAD_DIM": 64}, 0)
-    launch((5,), (f32, 7), {"HEAD_DIM": 64}, 0)  # same key: runtime ints and the grid may differ
-    launch((4,), (f16, 3), {"HEAD_DIM": 64}, 0)  # another dtype
-    launch((4,), (f32, 3), {"HEAD_DIM": 128}, 0)  # another constexpr
-    launch((4,), (f32, 3), {"HEAD_DIM": 64}, 1)  # another tuning bucket
-    assert [c[0] for c in calls] == ["tuned", "jit", "tuned", "tuned", "tuned"]
-    assert calls[1] == ("jit", (5,), 2, {"HEAD_DIM": 64, "BLOCK_N": 128, "num_warps": 8})
