@@ -24,14 +24,40 @@ def prefill_attention(
 
     KV heads are expanded for their query groups (as transformers' repeat_kv does) rather than passed with
     ``enable_gqa``: with a mask, SDPA's GQA mode falls back to the math kernel on CUDA, which materialises the
-    [B, Hq, Tq, Tk] scores (seen: 285 MB peak for a 4096-token prompt of codelm-27m, against 104 MB).
+    [B, Hq, Tq, Tk] scores (seen: 285 MB peak for a 4096-token prompt of codelm-27m, against 104 MB). A long
+    prompt's mask is taken in chunks of query rows (:data:`MASK_CHUNK_BYTES`): SDPA's converted copy of a whole
+    [B, 1, T, T] mask ran an 80 GB H100 out of memory at B=8, T=32768.
     """
     if softcap == 0.0:
-        return F.scaled_dot_product_attention(
-            q, repeat_kv(k, q.shape[1]).to(q.dtype), repeat_kv(v, q.shape[1]).to(q.dtype), attn_mask=mask,
-            scale=scale, is_causal=is_causal,
-        )
+        k, v = repeat_kv(k, q.shape[1]).to(q.dtype), repeat_kv(v, q.shape[1]).to(q.dtype)
+        rows = _rows_per_chunk(q, k, mask, is_causal)
+        if rows >= q.shape[2]:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, is_causal=is_causal)
+        # query rows are independent: attend chunk by chunk, each with its rows of the mask
+        out = q.new_empty(*q.shape[:-1], v.shape[-1])
+        for start in range(0, q.shape[2], rows):
+            end = start + rows
+            out[:, :, start:end] = F.scaled_dot_product_attention(
+                q[:, :, start:end], k, v, attn_mask=mask[:, :, start:end], scale=scale)
+        return out
     return attention_math(q, k, v, mask=mask, scale=scale, softcap=softcap, is_causal=is_causal)
+
+
+# SDPA turns a bool mask into an additive one of the same shape in q's dtype, and pads a float one: for a whole
+# [B, 1, T, T] prompt mask that is B * T * T * 2 bytes (16 GiB at B=8, T=32768, on top of the mask itself). Query
+# rows are attended in chunks whose slice of the mask, so converted, stays under this many bytes.
+MASK_CHUNK_BYTES = 512 * 2**20
+
+
+def _rows_per_chunk(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, is_causal: bool) -> int:
+    """Query rows per SDPA call: all of them, unless a per-row mask would be converted at a size above
+    MASK_CHUNK_BYTES (a multiple of 128 rows then, at least 128)."""
+    tq = q.shape[2]
+    if is_causal or mask is None or mask.dim() != 4 or mask.shape[2] == 1:
+        return tq
+    per_row = max(mask.shape[0], q.shape[0]) * mask.shape[1] * k.shape[2] * q.element_size()
+    rows = MASK_CHUNK_BYTES // max(per_row, 1) // 128 * 128
+    return max(rows, 128)
 
 
 def repeat_kv(x: torch.Tensor, heads: int) -> torch.Tensor:
