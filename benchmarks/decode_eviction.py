@@ -56,6 +56,21 @@ def l2_flush(mode: str, device) -> Callable[[], object] | None:
     raise ValueError(f"flush mode {mode!r}: expected one of {FLUSHES}")
 
 
+def add_flush_option(parser: argparse.ArgumentParser) -> None:
+    """``--flush``: comma-separated L2 flush modes, each timed with its own baseline (default: read and memset)."""
+    parser.add_argument("--flush", default="read,memset",
+                        help=f"comma-separated L2 flush modes, each timed with its own baseline ({', '.join(FLUSHES)}; "
+                             "see decode_eviction.l2_flush)")
+
+
+def flush_modes(parser: argparse.ArgumentParser, text: str) -> list[str]:
+    """The modes of a ``--flush`` value (``parser.error`` on an unknown one)."""
+    modes = [m.strip() for m in text.split(",") if m.strip()]
+    if not modes or any(m not in FLUSHES for m in modes):
+        parser.error(f"--flush must be comma-separated modes of {FLUSHES}, got {text!r}")
+    return modes
+
+
 def _time_ms(fn, warmup: int, reps: int, flush, graph: bool = False) -> float:
     """Median CUDA-event time of one call (``graph``: of one replay of the call captured in a CUDA graph).
     ``flush`` runs before each timed call: a callable (:func:`l2_flush`), a tensor (zeroed: the memset flush) or
@@ -211,9 +226,7 @@ def main(argv=None):
                    help="comma-separated store sizes as fractions of T, e.g. 0.1,0.2,0.3,0.5")
     p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--reps", type=int, default=200)
-    p.add_argument("--flush", default="read,memset",
-                   help=f"comma-separated L2 flush modes, each timed with its own baseline ({', '.join(FLUSHES)}; "
-                        "see l2_flush)")
+    add_flush_option(p)
     p.add_argument("--no-check", action="store_true", help="skip the float32 reference check")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/decode_eviction_<gpu>.json)")
     a = p.parse_args(argv)
@@ -224,9 +237,7 @@ def main(argv=None):
         p.error(f"--budgets must be comma-separated numbers, got {a.budgets!r}")
     if not budgets or not all(0.0 < b <= 1.0 for b in budgets):
         p.error(f"--budgets must be fractions in (0, 1], got {a.budgets!r}")
-    modes = [m.strip() for m in a.flush.split(",") if m.strip()]
-    if not modes or any(m not in FLUSHES for m in modes):
-        p.error(f"--flush must be comma-separated modes of {FLUSHES}, got {a.flush!r}")
+    modes = flush_modes(p, a.flush)
     if not torch.cuda.is_available():
         print("decode_eviction benchmark: CUDA is not available; run it on a GPU machine.", file=sys.stderr)
         return 2
@@ -251,7 +262,8 @@ def main(argv=None):
     for mode in modes:
         flush = l2_flush(mode, dev)
         sdpa_ms = _time_both(sdpa, a.warmup, a.reps, flush)
-        print(f"\nL2 flush: {mode}\nB={B} T={T} Hq={Hq} Hkv={Hkv} D={D} {a.dtype}: full cache {full_bytes / 1e9:.3f} GB")
+        print(f"\nL2 flush: {mode}\nB={B} T={T} Hq={Hq} Hkv={Hkv} D={D} {a.dtype}: "
+              f"full cache {full_bytes / 1e9:.3f} GB")
         print(f"  {'':<22}{'graph ms':>10}{'TB/s':>8}{'speedup':>9}   {'eager ms':>10}{'speedup':>9}")
         print(f"  {'sdpa_gqa_full':<22}{sdpa_ms['graph']:>10.4f}"
               f"{full_bytes / (sdpa_ms['graph'] * 1e-3) / 1e12:>8.2f}{'':>9}   {sdpa_ms['eager']:>10.4f}")

@@ -22,7 +22,7 @@ import sys
 import torch
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from decode_eviction import FLUSHES, _time_both, l2_flush  # noqa: E402
+from decode_eviction import _time_both, add_flush_option, flush_modes, l2_flush  # noqa: E402
 
 from kvfx.results import gpu_environment, gpu_slug, results_path, write_json  # noqa: E402
 
@@ -76,14 +76,10 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seq", type=int, default=32768)
     p.add_argument("--reps", type=int, default=100)
-    p.add_argument("--flush", default="read,memset",
-                   help=f"comma-separated L2 flush modes, each timed with its own baseline ({', '.join(FLUSHES)}; "
-                        "see decode_eviction.l2_flush)")
+    add_flush_option(p)
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/decode_razor_<gpu>.json)")
     a = p.parse_args(argv)
-    modes = [m.strip() for m in a.flush.split(",") if m.strip()]
-    if not modes or any(m not in FLUSHES for m in modes):
-        p.error(f"--flush must be comma-separated modes of {FLUSHES}, got {a.flush!r}")
+    modes = flush_modes(p, a.flush)
     if not torch.cuda.is_available():
         print("decode_razor: CUDA is not available", file=sys.stderr)
         return 2

@@ -221,7 +221,8 @@ def _decode_combine_kernel(
         w = tl.exp2(lse - m_use)
         # an empty split (lse -inf) need not have written its partial output: it is not read
         used = s_valid & (lse != float("-inf"))
-        o = tl.load(Opart + (pid * num_splits + sp)[:, None] * HEAD_DIM + offs_d[None, :], mask=used[:, None], other=0.0)
+        o = tl.load(Opart + (pid * num_splits + sp)[:, None] * HEAD_DIM + offs_d[None, :], mask=used[:, None],
+                    other=0.0)
         acc += tl.reduce(o * w[:, None], 0, _SUM)
     out = acc / tl.where(denom == 0.0, 1.0, denom)
     tl.store(O + b * stride_ob + h * stride_oh + offs_d, out.to(O.dtype.element_ty))

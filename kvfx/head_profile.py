@@ -31,8 +31,8 @@ import torch
 from pydantic import Field, model_validator
 from torch import Tensor
 
-__all__ = ["HeadProfile", "ProfileError", "check_made_for", "config_hash", "copy_scores", "layer_scores", "load_profile",
-           "probe_ids", "probe_length", "profile_heads", "select_retrieval_heads"]
+__all__ = ["HeadProfile", "ProfileError", "check_made_for", "config_hash", "copy_scores", "layer_scores",
+           "load_profile", "probe_ids", "probe_length", "profile_heads", "select_retrieval_heads"]
 
 COPIES = 4
 MAX_PROBE_LENGTH = 2500

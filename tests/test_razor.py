@@ -222,8 +222,8 @@ def test_a_profile_of_another_model_of_the_same_shape_fails_at_compile_time(tiny
     path.write_text(json.dumps(other))
     ids, mask = left_padded_batch([10], seed=4)
     spec = {"version": 1, "default": {"evict": {"method": "razor", "profile": str(path)}}}
-    with pytest.raises(Exception, match=r"evict.profile: .*other.json was made for another model "
-                                        r"\(tiny-llama-finetune, config hash 000000000000, this model's is [0-9a-f]{12}\); "
-                                        r"profile this model with: kvfx profile-heads MODEL"), torch.no_grad():
+    message = (r"evict.profile: .*other.json was made for another model \(tiny-llama-finetune, config hash "
+               r"000000000000, this model's is [0-9a-f]{12}\); profile this model with: kvfx profile-heads MODEL")
+    with pytest.raises(Exception, match=message), torch.no_grad():
         generate(compiled("llama", "sdpa", spec), ids, mask, 1)
 
