@@ -26,6 +26,7 @@ from kvfx.notices import warn_once
 from kvfx.plans import plan
 from kvfx.quantization import QuantizedLayerCache, make_quantized_cache
 from kvfx.quantization.evicting import QuantizedEvictingLayerCache
+from kvfx.quantization.layer_rules import layer_quantize_config
 from kvfx.state import REGISTRY, KvfxCacheError, LayerCache, SequenceState
 
 
@@ -135,21 +136,11 @@ def _razor_cache(layer: int, evicts, keep_last: int) -> RaggedLayerCache:
 def quantized_layer_cache(layer: int, policies, keep_last: int) -> QuantizedLayerCache | QuantizedEvictingLayerCache:
     """A layer whose KV heads quantize: one quantize config for all of them; with eviction on some heads, the
     evicting cache over quantized slots."""
+    config = layer_quantize_config(layer, policies)
     evicting = any(policy.evict.method != "none" for policy in policies)
-    heads_by_config: dict[str, list[int]] = {}
-    for head, policy in enumerate(policies):
-        heads_by_config.setdefault(policy.quantize.describe(), []).append(head)
-    if len(heads_by_config) > 1:
-        found = "; ".join(f"{config} on KV heads {heads}" for config, heads in heads_by_config.items())
-        raise KvfxCacheError(f"layer {layer}: a quantized layer takes one quantize config for all its KV heads, got "
-                             f"{found}; quantize whole layers (per-layer overrides)")
-    config = policies[0].quantize
     quantized = make_quantized_cache(layer, config, keep_last if not evicting else 0)
     if not evicting:
         return quantized
-    if any(policy.evict.method == "razor" for policy in policies):
-        raise KvfxCacheError(f"layer {layer}: razor combined with quantization ({config.describe()}) is not "
-                             "supported yet; use razor or quantization on this layer, not both (per-layer overrides)")
     return QuantizedEvictingLayerCache(layer, [make_policy(p.evict) for p in policies], quantized, keep_last)
 
 

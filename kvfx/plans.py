@@ -59,30 +59,21 @@ def check_quantization(resolved: Plan, head_dims: tuple[int, int] | None) -> Non
     quantize configs in one layer, razor with quantization, settings that cannot pack this model's keys or values
     (``head_dims``: key and value head dims, None if the graph does not tell)."""
     from kvfx.quantization import make_quantizer
+    from kvfx.quantization.layer_rules import layer_quantize_config
     from kvfx.state import KvfxCacheError
 
     where = resolved.source or "<spec>"
     checked = set()
-    for layer, row in enumerate(resolved.policies):
-        configs = {p.quantize.describe(): p.quantize for p in row}
-        if all(config.method == "none" for config in configs.values()):
-            continue
-        if len(configs) > 1:
-            raise SpecError(f"{where}: layer {layer}: its KV heads take different quantize configs "
-                            f"({', '.join(sorted(configs))}); a quantized layer takes one config for all its KV "
-                            "heads: quantize whole layers (per-layer overrides)")
-        (config,) = configs.values()
-        if any(p.evict.method == "razor" for p in row):
-            raise SpecError(f"{where}: layer {layer}: razor combined with quantization ({config.describe()}) is not "
-                            "supported yet; use razor or quantization on this layer, not both (per-layer overrides)")
-        if head_dims is None or config.describe() in checked:
-            continue
-        checked.add(config.describe())
-        for kind, head_dim in zip(("keys", "values"), head_dims):
-            try:
+    try:
+        for layer, row in enumerate(resolved.policies):
+            config = layer_quantize_config(layer, row)
+            if config is None or head_dims is None or config.describe() in checked:
+                continue
+            checked.add(config.describe())
+            for kind, head_dim in zip(("keys", "values"), head_dims):
                 make_quantizer(config, kind).check(layer, head_dim)
-            except KvfxCacheError as error:
-                raise SpecError(f"{where}: {error}") from None
+    except KvfxCacheError as error:
+        raise SpecError(f"{where}: {error}") from None
 
 
 def compact_layers(resolved: Plan) -> frozenset[int]:

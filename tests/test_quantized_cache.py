@@ -363,8 +363,9 @@ def test_quantization_plans_are_checked_at_compile_time():
     check({"version": 1, "default": {"quantize": {"method": "kivi"}}}, None)  # head dims unknown: not checked
     mixed = {"version": 1, "default": {"quantize": {"method": "kivi", "group": 8, "residual": 16}},
              "overrides": [{"layers": "1", "heads": [1], "quantize": {"method": "none"}}]}
-    with pytest.raises(SpecError, match=r"layer 1: its KV heads take different quantize configs \(kivi\(.*\), "
-                                        r"none\); a quantized layer takes one config"):
+    with pytest.raises(SpecError, match=r"layer 1: a quantized layer takes one quantize config for all its KV heads, "
+                                        r"got kivi\(.*\) on KV heads \[0\]; none on KV heads \[1\]; quantize "
+                                        r"whole layers"):
         check(mixed)
     razor = {"version": 1,
              "default": {"evict": {"method": "razor", "profile": "p.json"}, "quantize": {"method": "gear"}}}
