@@ -55,7 +55,7 @@ import torch
 from kvfx.assets import asset
 from kvfx.kernels.gear import gear_compress_reference, gear_reconstruct, outlier_count
 from kvfx.kernels.quant_pack import dequantize, quantize_reference
-from kvfx.results import results_path, write_json
+from kvfx.results import results_path, save_figure, write_json
 
 VARIANTS = ("quant", "+lowrank", "+outliers")
 KINDS = ("keys", "values")
@@ -254,10 +254,7 @@ def plot(rows: list[dict], png_path: Path, title: str) -> Path:
     figure.legend(handles, labels, loc="upper right", ncol=3, fontsize=8)
     figure.suptitle(title, fontsize=10, x=0.02, ha="left")
     figure.tight_layout(rect=(0, 0, 1, 0.94))
-    png_path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(png_path, dpi=120)
-    plt.close(figure)
-    return png_path
+    return save_figure(figure, png_path)
 
 
 def main(argv=None) -> int:

@@ -38,7 +38,7 @@ import torch
 
 from kvfx.assets import asset
 from kvfx.evaluate import evaluate_specs, write_table
-from kvfx.results import results_path, write_json
+from kvfx.results import results_path, save_figure, write_json
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from eviction_quality import FULL, QUICK  # noqa: E402  the same prompt, continuation and passkey sizes
@@ -250,11 +250,7 @@ def plot(rows, png_path: Path, title: str) -> Path:
     suptitle = title + (f"\nnot measured: {', '.join(skipped)} (see the table)" if skipped else "")
     figure.suptitle(suptitle, fontsize=10)
     figure.tight_layout()
-    png_path = Path(png_path)
-    png_path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(png_path, dpi=120)
-    plt.close(figure)
-    return png_path
+    return save_figure(figure, png_path)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import torch
 from kvfx.assets import asset
 from kvfx.evaluate import DEFAULT_DEPTHS, evaluate_specs
 from kvfx.eviction.razor import retrieval_heads, window_size
-from kvfx.results import results_path
+from kvfx.results import results_path, save_figure
 from kvfx.spec import EvictRazor
 
 PROFILE = "examples/profiles/codelm-27m.json"
@@ -117,9 +117,7 @@ def plot(payload: dict, path: Path) -> Path | None:
     share = payload["memory_share"]
     fig.suptitle(f"{payload['model']}: razor ({len(payload['retrieval_heads'])} retrieval KV heads) vs window at "
                  f"equal memory ({share['ppl']:.0%} / {share['passkey']:.0%} of the full cache), {payload['device']}")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from kvfx.results import save_figure
+
 REFERENCES = ("dynamic", "static", "identity")  # plot methods drawn as horizontal lines
 STOCK = ("dynamic", "static+compile")  # the stock full-cache baselines
 GOAL_WORKLOAD = ("llama-1b", 8, 32768)
@@ -283,8 +285,4 @@ def plot_bench(payload: Mapping[str, Any], png_path: str | Path) -> Path:
     figure.suptitle(f"kvfx bench: {meta.get('gpu') or meta.get('device', '')}, "
                     f"{meta.get('new_tokens', '?')} new tokens", fontsize=10)
     figure.tight_layout()
-    png_path = Path(png_path)
-    png_path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(png_path, dpi=110)
-    plt.close(figure)
-    return png_path
+    return save_figure(figure, png_path, dpi=110)

@@ -13,6 +13,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from kvfx.results import save_figure
+
 __all__ = ["passkey_grid", "plot_passkey_grid"]
 
 
@@ -68,8 +70,4 @@ def plot_passkey_grid(row: Mapping[str, Any], png_path: str | Path, title: str |
     axis.legend(handles=[Patch(color="#2ca02c", label="retrieved"), Patch(color="#d62728", label="missed")],
                 loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
     figure.tight_layout()
-    png_path = Path(png_path)
-    png_path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(png_path, dpi=120)
-    plt.close(figure)
-    return png_path
+    return save_figure(figure, png_path)

@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 
+from kvfx.results import save_figure
 from kvfx.spec import Spec, SpecError
 
 __all__ = [
@@ -501,8 +502,4 @@ def plot_quality(rows: Sequence[Mapping[str, Any]], png_path: str | Path, title:
     if suptitle:
         figure.suptitle(suptitle, fontsize=10)
     figure.tight_layout()
-    png_path = Path(png_path)
-    png_path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(png_path, dpi=120)
-    plt.close(figure)
-    return png_path
+    return save_figure(figure, png_path)

@@ -31,6 +31,8 @@ import torch
 from pydantic import Field, model_validator
 from torch import Tensor
 
+from kvfx.results import save_figure
+
 __all__ = ["HeadProfile", "ProfileError", "check_made_for", "config_hash", "copy_scores", "layer_scores",
            "load_profile", "probe_ids", "probe_length", "profile_heads", "select_retrieval_heads"]
 
@@ -296,8 +298,4 @@ def plot_profile(profile: HeadProfile, path: str | Path) -> Path:
         fig.colorbar(image, ax=ax, shrink=0.8)
     fig.suptitle(f"{profile.model}: retrieval heads (red: {len(profile.retrieval_heads)} of "
                  f"{profile.num_layers * profile.num_kv_heads} KV heads), probe L={profile.probe_length}")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)
