@@ -50,10 +50,13 @@ _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MIN_HEAD_DIM, _MAX_HEAD_DIM = 16, 256
 _MAX_BLOCK_ELEMS = 128 * 128  # BLOCK_G * D accumulator elements one program may hold
 
-# Split heuristic knobs (GPU).  Aim for about _WAVES programs per SM, but never give a
+# Split heuristic knobs (GPU).  Aim for at most _WAVES programs per SM, but never give a
 # split fewer than _MIN_KEYS_PER_SPLIT keys (below that the combine step and the pipeline
-# prologue cost more than the parallelism buys).
-_WAVES = 4
+# prologue cost more than the parallelism buys).  Two per SM, rounded down: on the H100
+# (B=8, 8 KV heads, 6555 bf16 slots) 4 splits read at SDPA's bandwidth, while the 9 of a
+# rounded-up four per SM cost 3-25% more, depending on the config the autotuner picked
+# (benchmarks/results/split_sweep_h100.txt).
+_WAVES = 2
 _MIN_KEYS_PER_SPLIT = 512
 _MAX_SPLITS = 128
 
@@ -427,15 +430,16 @@ def _capability(device_index: int) -> tuple[int, int]:
 def default_num_splits(batch: int, kv_heads: int, kv_len: int, sm_count: int | None) -> int:
     """Split-K heuristic.  ``sm_count=None`` means CPU/interpreter: small numbers.
 
-    GPU: about ``_WAVES`` programs per SM (B * Hkv * splits ~ 4 * SMs), each split at
-    least ``_MIN_KEYS_PER_SPLIT`` keys (so short caches get 1 split), at most ``_MAX_SPLITS``.
+    GPU: at most ``_WAVES`` programs per SM (B * Hkv * splits <= 2 * SMs, rounded down), each
+    split at least ``_MIN_KEYS_PER_SPLIT`` keys (so short caches get 1 split), at most
+    ``_MAX_SPLITS``.
     """
     if kv_len <= 0:
         return 1
     if sm_count is None:
         return 1 if kv_len <= 128 else 2
     base = max(1, batch * kv_heads)
-    want = -(-(_WAVES * sm_count) // base)
+    want = (_WAVES * sm_count) // base
     cap = max(1, kv_len // _MIN_KEYS_PER_SPLIT)
     return max(1, min(want, cap, _MAX_SPLITS))
 

@@ -15,7 +15,7 @@ needs 25 significant bits: in float32 it rounds (ties to even, the same in torch
 ``2**24 - 0.5`` rounds to ``2**24``, i.e. u = 1 and g = +inf (once in 2**24 logits, which a long prefill meets); the
 clamp maps that one value to the largest float32 below 1 and leaves every other value unchanged.
 
-The Triton helpers are device functions for other kernels.  They are made with :class:`_DeviceFunction` rather than
+The Triton helpers are device functions for other kernels.  They are made with :class:`kvfx.kernels.device_function.DeviceFunction` rather than
 ``@triton.jit`` so that they also work inside *interpreted* kernels (CPU tensors) when triton was imported without
 ``TRITON_INTERPRET=1``: a plain ``JITFunction`` refuses to be called from Python, which is what the interpreter does.
 """
@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import torch
 import triton.language as tl
-from triton.runtime.jit import JITFunction
+
+from kvfx.kernels.device_function import DeviceFunction
 
 __all__ = ["gumbel_noise_reference", "gumbel_row_key", "gumbel_noise"]
 
@@ -58,25 +59,7 @@ def gumbel_noise_reference(seed: int, layer: int, b, hq, qpos, kpos) -> torch.Te
     return -torch.log(-torch.log(u))
 
 
-class _DeviceFunction(JITFunction):
-    """A Triton device function (like ``@triton.jit``) that interpreted kernels can call as well.
-
-    Compiled kernels inline it like any ``@triton.jit`` helper (the code generator never calls the object).  An
-    interpreted kernel runs its body as Python and calls the object: a plain ``JITFunction`` raises there unless
-    triton itself was imported under ``TRITON_INTERPRET=1``; this one runs the interpreter's rewrite of its body,
-    under the triton.language patches that the calling kernel's interpreter run has already installed.
-    """
-
-    def __call__(self, *args, **kwargs):
-        fn = self.__dict__.get("_interpreted_body")
-        if fn is None:
-            from triton.runtime.interpreter import InterpretedFunction
-
-            fn = self.__dict__["_interpreted_body"] = InterpretedFunction(self.fn).rewrite()
-        return fn(*args, **kwargs)
-
-
-@_DeviceFunction
+@DeviceFunction
 def _mix(x):
     """lowbias32 on a uint32 tensor (wraps modulo 2**32)."""
     x = x ^ (x >> 16)
@@ -86,7 +69,7 @@ def _mix(x):
     return x ^ (x >> 16)
 
 
-@_DeviceFunction
+@DeviceFunction
 def gumbel_row_key(seed, layer, b, hq, qpos):
     """The per-(row, query head, query) part of the hash, as uint32 (scalars or tensors)."""
     row = _mix(layer.to(tl.uint32) + _mix(seed.to(tl.uint32)))
@@ -95,7 +78,7 @@ def gumbel_row_key(seed, layer, b, hq, qpos):
     return _mix(qpos.to(tl.uint32) + row)
 
 
-@_DeviceFunction
+@DeviceFunction
 def gumbel_noise(row_key, kpos):
     """Gumbel(0, 1) float32 noise for a row key (from ``gumbel_row_key``) and key positions."""
     bits = _mix(row_key ^ _mix(kpos.to(tl.uint32)))

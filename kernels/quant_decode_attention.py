@@ -45,7 +45,8 @@ Kernel design (:func:`quant_decode_attention`)
 * CUDA: the split kernel is autotuned over (BLOCK_N, num_warps, num_stages) like decode_attention's (same
   ``KVFX_DECODE_AUTOTUNE`` switch; BLOCK_N divides GEAR's low-rank block); CPU tensors run the same kernels under
   the Triton interpreter (dot operands in float32, bf16 outputs rounded by torch: see
-  kvfx.kernels.decode_attention).  Device helpers are shared by both variants through ``_DeviceFunction``.
+  kvfx.kernels.decode_attention).  Device helpers are shared by both variants through
+  ``kvfx.kernels.device_function.DeviceFunction``.
 
 Plane-order kernel (:func:`_quant_plane_kernel`; ``KVFX_QUANT_PLANES=1``, KIVI caches: GEAR runs the split kernel)
 ----------------------------------------------------------------------------------------------------------------
@@ -99,7 +100,6 @@ latency with.  The plane-order kernel never puts a tile in channel order:
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 
@@ -110,6 +110,7 @@ from torch import Tensor
 from triton.runtime.jit import JITFunction
 
 from kvfx.kernels import decode_attention as _da
+from kvfx.kernels.device_function import DeviceFunction
 from kvfx.kernels.gear import MAX_RANK, GearTerms, gear_reconstruct
 from kvfx.kernels.quant_pack import BITS, Quantized
 
@@ -178,22 +179,6 @@ def quant_decode_attention_reference(
 # interpreted variants, no triton.language.standard @jit helpers in the body, constexpr trip counts under the
 # interpreter.
 # --------------------------------------------------------------------------------------
-
-
-class _DeviceFunction(JITFunction):
-    """A @jit helper the kernels call in both of their variants: the compiler inlines it like any JITFunction,
-    and called directly (from an interpreted kernel) it runs interpreted.  Made for device helpers only; the
-    interpreted variant is created on the first interpreted call, so a process on the GPU never creates one."""
-
-    def __call__(self, *args, **kwargs):
-        return _interpreted_helper(self.fn)(*args, **kwargs)
-
-
-@functools.lru_cache(maxsize=None)
-def _interpreted_helper(fn):
-    from triton.runtime.interpreter import InterpretedFunction
-
-    return InterpretedFunction(fn)
 
 
 def _asm_dequant(bits: int) -> str:
@@ -342,10 +327,10 @@ def _dequant_tile(h, s0, s1, s2, s3, s4, s5, s6, s7, m0, m1, m2, m3, m4, m5, m6,
     return tl.reshape(tl.permute(tl.reshape(x, [R, E // 2, 2, P]), (0, 1, 3, 2)), [R, E * P])
 
 
-_DEQUANT_PLANE = _DeviceFunction(_dequant_plane)
-_DEQUANT_PARAMS = _DeviceFunction(_dequant_params)
-_KEY_PLANES = _DeviceFunction(_key_planes)
-_DEQUANT_TILE = _DeviceFunction(_dequant_tile)
+_DEQUANT_PLANE = DeviceFunction(_dequant_plane)
+_DEQUANT_PARAMS = DeviceFunction(_dequant_params)
+_KEY_PLANES = DeviceFunction(_key_planes)
+_DEQUANT_TILE = DeviceFunction(_dequant_tile)
 
 
 def _quant_split_kernel(
@@ -817,14 +802,14 @@ def _merge_rows(acc, w, NB: tl.constexpr, GP: tl.constexpr, E: tl.constexpr):
     return tl.reduce(tl.reshape(acc, [NB, GP, E]) * w[:, :, None], 0, _SUM)
 
 
-_KEY_CODES = _DeviceFunction(_key_codes)
-_KEY_PLANE = _DeviceFunction(_key_plane)
-_RES_KEY_PLANE = _DeviceFunction(_res_key_plane)
-_DEQUANT_BYTES = _DeviceFunction(_dequant_bytes)
-_VALUE_PLANE = _DeviceFunction(_value_plane)
-_VALUE_ACC = _DeviceFunction(_value_acc)
-_STORE_PLANE = _DeviceFunction(_store_plane)
-_MERGE_ROWS = _DeviceFunction(_merge_rows)
+_KEY_CODES = DeviceFunction(_key_codes)
+_KEY_PLANE = DeviceFunction(_key_plane)
+_RES_KEY_PLANE = DeviceFunction(_res_key_plane)
+_DEQUANT_BYTES = DeviceFunction(_dequant_bytes)
+_VALUE_PLANE = DeviceFunction(_value_plane)
+_VALUE_ACC = DeviceFunction(_value_acc)
+_STORE_PLANE = DeviceFunction(_store_plane)
+_MERGE_ROWS = DeviceFunction(_merge_rows)
 
 
 def _quant_plane_kernel(

@@ -423,6 +423,7 @@ def _check_inputs(q, k, v, pos, offsets, lengths, comp_k, comp_v, comp_n, scale,
 
 
 _SPLIT_SLOTS_MIN = 256  # slots a split reads at least
+_WAVES = 4  # split programs per SM the layout's work is spread over (benchmarks/results/ragged_sweep_h100.txt)
 _MAX_RAGGED_SPLITS = 128
 
 
@@ -432,7 +433,7 @@ def _balanced_splits(batch: int, slots: int, max_length: int, sm_count: int | No
     splits, while the splits past a short head's end exit at once. CPU/interpreter: decode_attention's rule."""
     if sm_count is None or max_length <= 0:
         return _da.default_num_splits(batch, kv_heads, max_length, sm_count)
-    chunk = max(_SPLIT_SLOTS_MIN, -(-batch * slots // (_da._WAVES * sm_count)))
+    chunk = max(_SPLIT_SLOTS_MIN, -(-batch * slots // (_WAVES * sm_count)))
     return max(1, min(-(-max_length // chunk), _MAX_RAGGED_SPLITS))
 
 
