@@ -1461,7 +1461,7 @@ _MIN_TOKENS_PER_SPLIT = 512
 
 
 def default_num_splits(batch: int, kv_heads: int, kv_len: int, sm_count: int | None) -> int:
-    """Split-K heuristic: about _PROGRAMS_PER_SM programs per SM (more than the bf16 kernel's 4 waves: a program
+    """Split-K heuristic: about _PROGRAMS_PER_SM programs per SM (more than the bf16 kernel's 2: a program
     here is ALU-heavy and long, so the last partial wave would idle much of the GPU), at least
     _MIN_TOKENS_PER_SPLIT tokens a split.  ``sm_count`` None (CPU/interpreter): decode_attention's rule."""
     if sm_count is None or kv_len <= 0:

@@ -51,7 +51,7 @@ from triton.runtime.jit import JITFunction
 from kvfx.kernels import decode_attention as _da
 from kvfx.kernels.gumbel import gumbel_noise, gumbel_noise_reference, gumbel_row_key
 
-__all__ = ["GumbelScores", "scored_decode_attention", "scored_decode_attention_reference", "supports"]
+__all__ = ["GumbelScores", "Scratch", "scored_decode_attention", "scored_decode_attention_reference", "supports"]
 
 _MAX = _da._MAX  # tl.reduce combine functions (see kvfx.kernels.decode_attention)
 _MIN = tl.standard._elementwise_min
@@ -554,8 +554,26 @@ class SlotEviction:
     accumulate: bool
 
 
+class Scratch:
+    """Work buffers of a caller that launches with the same shapes call after call (a slot store): reused instead of
+    allocated at every call. One caller, one stream: a buffer is rewritten by the next launch."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def empty(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        buf = self._buffers.get(name)
+        if buf is None or tuple(buf.shape) != tuple(shape) or buf.dtype != dtype or buf.device != device:
+            buf = self._buffers[name] = torch.empty(shape, dtype=dtype, device=device)
+        return buf
+
+
+def _fresh(name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
 def launch(q, k, v, bias, score, *, scale, softcap, gumbel, qpos, kpos, num_splits=None,
-           slot_mask: SlotMask | None = None, evict: SlotEviction | None = None):
+           slot_mask: SlotMask | None = None, evict: SlotEviction | None = None, scratch: Scratch | None = None):
     """Run the split and finish kernels on validated inputs; returns the output (score filled in place).
 
     With ``evict``, returns ``(out, partials)``: per (row, KV head) and block of slots, the block's lowest key,
@@ -581,10 +599,12 @@ def launch(q, k, v, bias, score, *, scale, softcap, gumbel, qpos, kpos, num_spli
     num_splits = min(num_splits, S)
     direct = num_splits == 1
 
-    y = torch.empty((B, Hq, S), device=q.device, dtype=torch.float32)
-    lse = torch.empty((B, Hq, num_splits), device=q.device, dtype=torch.float32)
-    lse_y = torch.empty_like(lse) if gumbel is not None else lse
-    opart = out if direct else torch.empty((B, Hq, num_splits, Dv), device=q.device, dtype=torch.float32)
+    work = scratch.empty if scratch is not None else _fresh
+    f32 = torch.float32
+    y = work("y", (B, Hq, S), f32, q.device)
+    lse = work("lse", (B, Hq, num_splits), f32, q.device)
+    lse_y = work("lse_y", (B, Hq, num_splits), f32, q.device) if gumbel is not None else lse
+    opart = out if direct else work("opart", (B, Hq, num_splits, Dv), f32, q.device)
     if gumbel is None:
         seed, layer, inv_tau = 0, 0, 1.0
     else:
@@ -640,8 +660,8 @@ def launch(q, k, v, bias, score, *, scale, softcap, gumbel, qpos, kpos, num_spli
     n_sblocks = -(-S // block_s)
     programs = n_sblocks + (0 if direct else 1)
     if evict is not None:
-        partials = [torch.empty((B * Hkv, programs), device=q.device, dtype=dt)
-                    for dt in (torch.float32, torch.int64, torch.int64, torch.int64)]
+        partials = [work(f"partial{i}", (B * Hkv, programs), dt, q.device)
+                    for i, dt in enumerate((torch.float32, torch.int64, torch.int64, torch.int64))]
         evict_args = (kpos, evict.lo, evict.hi, evict.from_seen, evict.by_score, *partials)
         seen = int(evict.seen)
     else:

@@ -31,6 +31,7 @@ Tensors in, tensors out: nothing here knows about policies or models.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -71,6 +72,11 @@ class EvictionRule:
     hi: Tensor  # [B, Hkv] int64: positions from hi (+ seen where from_seen) on are protected
     from_seen: Tensor  # [Hkv] bool
     by_score: Tensor  # [Hkv] bool: rank by score, else by position
+
+    @functools.cached_property
+    def flags_int8(self) -> tuple[Tensor, Tensor]:
+        """``from_seen`` and ``by_score`` as the kernels read them (int8), converted once per rule."""
+        return self.from_seen.to(torch.int8), self.by_score.to(torch.int8)
 
 
 def keep_priority(pos: Tensor, score: Tensor, lo: Tensor, hi: Tensor, by_score: Tensor) -> Tensor:
@@ -265,19 +271,20 @@ def slot_decode_step(
     accumulate: bool = True,
     keys: Tensor | None = None,
     num_splits: int | None = None,
+    scratch: _sda.Scratch | None = None,
 ) -> Tensor:
-    """Steps 2 and 3 in three Triton launches: :func:`slot_decode_step_reference` (arguments alike)."""
+    """Steps 2 and 3 in three Triton launches: :func:`slot_decode_step_reference` (arguments alike). ``scratch``:
+    the caller's work buffers, reused from step to step (a slot store keeps its shapes)."""
     b, hq, _ = q.shape
     h, c = store.pos.shape[1], store.pos.shape[2]
     if mask_row is not None:
         mask_row = mask_row.expand(b, mask_row.shape[1], mask_row.shape[2])
-    by_score = rule.by_score.to(torch.int8)
-    from_seen = rule.from_seen.to(torch.int8)
+    from_seen, by_score = rule.flags_int8
     out, partials = _sda.launch(
         q, store.k if keys is None else keys, store.v, None, store.score, scale=scale, softcap=softcap,
         gumbel=gumbel, qpos=qpos, kpos=store.pos, num_splits=num_splits,
         slot_mask=_sda.SlotMask(mask_row, mask_offset, masked_below),
-        evict=_sda.SlotEviction(rule.lo, rule.hi, from_seen, by_score, seen, accumulate))
+        evict=_sda.SlotEviction(rule.lo, rule.hi, from_seen, by_score, seen, accumulate), scratch=scratch)
     if partials is None:
         return out
     part_key, part_pos, part_slot, part_free, blocks = partials

@@ -22,7 +22,7 @@ import pytest  # noqa: E402
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from kvfx.kernels.scored_decode_attention import GumbelScores  # noqa: E402
+from kvfx.kernels.scored_decode_attention import GumbelScores, Scratch  # noqa: E402
 from kvfx.kernels.slot_decode import (  # noqa: E402
     EvictionRule,
     SlotStore,
@@ -139,6 +139,30 @@ def test_step_equals_reference_interpreted(**case):
 @given(**CASES)
 def test_step_equals_reference_compiled(**case):
     _compare(*_run_both("cuda", torch.float32, **case), "cuda", torch.float32)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("gumbel", [False, True])
+def test_steps_that_reuse_one_scratch_equal_the_reference(device, gumbel):
+    """A slot store's steps (200 slots: two splits) reuse their work buffers (score logits, partial outputs,
+    eviction candidates): every step still equals the reference, so nothing of a step leaks into the next."""
+    q, k_new, v_new, fast, ref, rule, kwargs, seen = _case(
+        device, torch.float32, B=2, Hkv=2, G=4, D=16, C=200, mask_kind="bool", gumbel=gumbel, softcap=0.0,
+        accumulate=True, seed=5)
+    scratch = Scratch()
+    gen = torch.Generator().manual_seed(9)
+    row = kwargs.pop("mask_row")
+    for step in range(4):
+        qpos_fast, qpos_ref = (torch.zeros(q.shape[0], dtype=torch.long, device=device) for _ in range(2))
+        write_slot(fast, k_new, v_new, seen + step, qpos_fast)
+        write_slot_reference(ref, k_new, v_new, seen + step, qpos_ref)
+        kwargs["seen"] = seen + step + 1
+        mask = torch.cat([row, torch.ones(*row.shape[:2], step, dtype=torch.bool, device=device)], dim=-1)
+        out = slot_decode_step(q, fast, rule, qpos=qpos_fast, mask_row=mask, scratch=scratch, **kwargs)
+        ref_out = slot_decode_step_reference(q, ref, rule, qpos=qpos_ref, mask_row=mask, **kwargs)
+        _compare(out, ref_out, fast, ref, device, torch.float32)
+        q, k_new, v_new = (torch.randn(t.shape, generator=gen).to(device) for t in (q, k_new, v_new))
+    assert scratch._buffers  # the buffers were made once and reused
 
 
 @pytest.mark.parametrize("device", DEVICES)

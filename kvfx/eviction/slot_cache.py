@@ -31,7 +31,7 @@ from kvfx.eviction.base import INF, NEVER, EvictionContext, EvictionError, Evict
 from kvfx.eviction.layer_inputs import attendable_columns, check_decode_batch, decode_mask_row, real_columns
 from kvfx.kernels.attention_scores import attention_column_scores, attention_column_scores_reference
 from kvfx.kernels.attention_scores import supports as column_scores_supports
-from kvfx.kernels.scored_decode_attention import GumbelScores
+from kvfx.kernels.scored_decode_attention import GumbelScores, Scratch
 from kvfx.kernels.scored_decode_attention import supports as scored_decode_supports
 from kvfx.kernels.slot_decode import EvictionRule, SlotStore, slot_decode_step, slot_decode_step_reference
 from kvfx.kernels.slot_decode import write_slot, write_slot_reference
@@ -79,6 +79,7 @@ class EvictingLayerCache:
         self.free: Tensor | None = None  # [B, Hkv] int64: the empty slot the next token is written to
         self.qpos: Tensor | None = None  # [B] int64: the position of the current query
         self.rule: EvictionRule | None = None  # the decode keep rules, made at the first decode step
+        self.scratch = Scratch()  # the decode kernels' work buffers, reused from step to step
         self.seen = 0  # tokens written, padding included (the cache length transformers believes in)
         self.prompt_end = 0
 
@@ -199,7 +200,8 @@ class EvictingLayerCache:
         out = step(query, store, self.rule, seen=self.seen, scale=scale, softcap=softcap, mask_row=row,
                    mask_offset=0 if mask is None else self.seen - mask.shape[-1], masked_below=masked_below,
                    gumbel=self.scorer.gumbel(self._context(self.scorer, [])) if self.scorer is not None else None,
-                   qpos=self.qpos, accumulate=self.scorer is not None, keys=keys)
+                   qpos=self.qpos, accumulate=self.scorer is not None, keys=keys,
+                   **({"scratch": self.scratch} if fast else {}))
         return out.unsqueeze(2)
 
     def _decode_rule(self) -> EvictionRule:
