@@ -274,7 +274,7 @@ def _scored_split_kernel(
 
 def _scored_finish_kernel(
     Y, Lse, LseY, Opart, O, Score,
-    Pos, Lo, Hi, FromSeen, ByScore, PartKey, PartPos, PartSlot, PartFree,
+    Pos, Lo, Hi, FromSeen, ByScore, PartKey, PartPos, PartSlot, PartFree, Seen,
     stride_ob, stride_oh,
     S, num_splits, Hkv, seen,
     GROUP: tl.constexpr,
@@ -287,6 +287,7 @@ def _scored_finish_kernel(
     STATIC_SPLITS: tl.constexpr,  # > 0 (interpreter only): constexpr trip count of the merge loop (chunks)
     EVICT: tl.constexpr,  # Score is the slot store's running score: add (ACCUMULATE) and rank slots for eviction
     ACCUMULATE: tl.constexpr,
+    SEEN_IN_MEMORY: tl.constexpr = False,  # seen is Seen[0] + 1 (a device counter of the tokens written before)
 ):
     pid_s = tl.program_id(0)
     bh = tl.program_id(1)
@@ -324,7 +325,11 @@ def _scored_finish_kernel(
                 score = score + contribution
                 tl.store(Score + slots, score, mask=c_valid & live)
             first_head = tl.reduce(tl.where((offs_g == 0)[:, None], y, float("-inf")), 0, _MAX)
-            hi = tl.load(Hi + b * Hkv + hk) + seen * tl.load(FromSeen + hk).to(tl.int64)
+            if SEEN_IN_MEMORY:
+                seen_now = tl.load(Seen) + 1
+            else:
+                seen_now = seen.to(tl.int64)
+            hi = tl.load(Hi + b * Hkv + hk) + seen_now * tl.load(FromSeen + hk).to(tl.int64)
             protected = (pos < tl.load(Lo + b * Hkv + hk)) | (pos >= hi)
             key = tl.where(tl.load(ByScore + hk) != 0, score, pos.to(tl.float32))
             key = tl.where(protected, float("inf"), key)
@@ -552,6 +557,7 @@ class SlotEviction:
     by_score: torch.Tensor  # [Hkv] int8
     seen: int
     accumulate: bool
+    counter: torch.Tensor | None = None  # [1] int64 on the device: tokens written before this one; seen = counter + 1
 
 
 class Scratch:
@@ -573,8 +579,10 @@ def _fresh(name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.
 
 
 def launch(q, k, v, bias, score, *, scale, softcap, gumbel, qpos, kpos, num_splits=None,
-           slot_mask: SlotMask | None = None, evict: SlotEviction | None = None, scratch: Scratch | None = None):
-    """Run the split and finish kernels on validated inputs; returns the output (score filled in place).
+           slot_mask: SlotMask | None = None, evict: SlotEviction | None = None, scratch: Scratch | None = None,
+           out: torch.Tensor | None = None):
+    """Run the split and finish kernels on validated inputs; returns the output (score filled in place), written
+    into ``out`` (``[B, Hq, Dv]`` in q's dtype, contiguous) where given.
 
     With ``evict``, returns ``(out, partials)``: per (row, KV head) and block of slots, the block's lowest key,
     its position and slot, and the block's first empty slot (int64 ``[B * Hkv, blocks]`` each, blocks in
@@ -585,7 +593,7 @@ def launch(q, k, v, bias, score, *, scale, softcap, gumbel, qpos, kpos, num_spli
     softcap = float(softcap)
     interpret = q.device.type != "cuda" or _da.triton_interpreting()
 
-    out = torch.empty((B, Hq, Dv), device=q.device, dtype=q.dtype)
+    out = torch.empty((B, Hq, Dv), device=q.device, dtype=q.dtype) if out is None else out
     if B == 0 or Hq == 0 or S == 0:
         out.zero_()
         return (out, None) if evict is not None else out
@@ -662,10 +670,11 @@ def launch(q, k, v, bias, score, *, scale, softcap, gumbel, qpos, kpos, num_spli
     if evict is not None:
         partials = [work(f"partial{i}", (B * Hkv, programs), dt, q.device)
                     for i, dt in enumerate((torch.float32, torch.int64, torch.int64, torch.int64))]
-        evict_args = (kpos, evict.lo, evict.hi, evict.from_seen, evict.by_score, *partials)
+        counter = evict.counter if evict.counter is not None else score
+        evict_args = (kpos, evict.lo, evict.hi, evict.from_seen, evict.by_score, *partials, counter)
         seen = int(evict.seen)
     else:
-        evict_args, seen = (score,) * 9, 0
+        evict_args, seen = (score,) * 10, 0
     block_spl = max(2, triton.next_power_of_2(num_splits))
     chunk_spl = min(block_spl, max(2, 4096 // (block_g * Dv)))  # <= 4096 partial-output floats per iteration
     finish = _da._interpreted(_scored_finish_kernel) if interpret else _FINISH_JIT
@@ -676,6 +685,7 @@ def launch(q, k, v, bias, score, *, scale, softcap, gumbel, qpos, kpos, num_spli
         GROUP=G, BLOCK_G=block_g, HEAD_DV=Dv, BLOCK_SPL=block_spl, CHUNK_SPL=chunk_spl,
         BLOCK_S=block_s, MERGE_OUT=not direct, STATIC_SPLITS=-(-num_splits // chunk_spl) if interpret else 0,
         EVICT=evict is not None, ACCUMULATE=evict is not None and evict.accumulate,
+        SEEN_IN_MEMORY=evict is not None and evict.counter is not None,
         num_warps=4,
     )
     if out is not result:

@@ -175,16 +175,21 @@ def slot_decode_step_reference(
 
 
 def _write_slot_kernel(
-    K, V, Pos, Score, Live, Free, Knew, Vnew, Qpos,
+    K, V, Pos, Score, Live, Free, Knew, Vnew, Qpos, Seen,
     stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_nkb, stride_nkh, stride_nvb, stride_nvh,
     Hkv, C, new_pos,
     HEAD_DIM: tl.constexpr,
     HEAD_DV: tl.constexpr,
+    SEEN_IN_MEMORY: tl.constexpr = False,  # new_pos is Seen[0] (a device counter the evict kernel advances)
 ):
     bh = tl.program_id(0).to(tl.int64)
     b = bh // Hkv
     h = bh % Hkv
+    if SEEN_IN_MEMORY:
+        position = tl.load(Seen)
+    else:
+        position = new_pos.to(tl.int64)
     slot = tl.load(Free + bh)
     offs_d = tl.arange(0, HEAD_DIM)
     offs_dv = tl.arange(0, HEAD_DV)
@@ -192,17 +197,18 @@ def _write_slot_kernel(
     tl.store(K + b * stride_kb + h * stride_kh + slot * stride_kn + offs_d, k.to(K.dtype.element_ty))
     v = tl.load(Vnew + b * stride_nvb + h * stride_nvh + offs_dv)
     tl.store(V + b * stride_vb + h * stride_vh + slot * stride_vn + offs_dv, v.to(V.dtype.element_ty))
-    tl.store(Pos + bh * C + slot, new_pos.to(tl.int64))
+    tl.store(Pos + bh * C + slot, position)
     tl.store(Score + bh * C + slot, 0.0)
     tl.store(Live + bh, tl.load(Live + bh) + 1)
-    tl.store(Qpos + b, new_pos.to(tl.int64), mask=h == 0)
+    tl.store(Qpos + b, position, mask=h == 0)
 
 
 def _evict_kernel(
-    PartKey, PartPos, PartSlot, PartFree, Pos, Live, Budget, Free,
+    PartKey, PartPos, PartSlot, PartFree, Pos, Live, Budget, Free, Seen,
     C, part_stride, blocks,
     BLOCK: tl.constexpr,
     STATIC_ITERS: tl.constexpr,  # > 0 (interpreter only): constexpr trip count
+    ADVANCE_SEEN: tl.constexpr = False,  # the step's last kernel counts the token it wrote: Seen[0] += 1
 ):
     BIG: tl.constexpr = 2**62
     bh = tl.program_id(0).to(tl.int64)
@@ -231,6 +237,8 @@ def _evict_kernel(
     tl.store(Live + bh, live - over.to(tl.int64))
     empty = tl.minimum(tl.reduce(first_free, 0, _sda._MIN), C)
     tl.store(Free + bh, tl.where(over, victim, empty))
+    if ADVANCE_SEEN:
+        tl.store(Seen, tl.load(Seen) + 1, mask=bh == 0)  # nothing else of this kernel reads Seen
 
 
 _WRITE_JIT = JITFunction(_write_slot_kernel, do_not_specialize=["Hkv", "C", "new_pos"])
@@ -241,17 +249,21 @@ def _interpret(t: Tensor) -> bool:
     return t.device.type != "cuda" or _da.triton_interpreting()
 
 
-def write_slot(store: SlotStore, k_new: Tensor, v_new: Tensor, new_pos: int, qpos: Tensor) -> None:
+def write_slot(store: SlotStore, k_new: Tensor, v_new: Tensor, new_pos: int, qpos: Tensor,
+               counter: Tensor | None = None) -> None:
     """Step 1 (one Triton launch): :func:`write_slot_reference`. k_new/v_new need a contiguous last dim;
-    pos, score, live and free must be contiguous."""
+    pos, score, live and free must be contiguous. ``counter``: a ``[1]`` int64 device tensor holding ``new_pos``,
+    read instead of the argument (and advanced by :func:`slot_decode_step` given the same counter), so that a step
+    captured in a CUDA graph writes the right position at every replay."""
     b, h, c, d = store.k.shape
     dv = store.v.shape[-1]
     kernel = _da._interpreted(_write_slot_kernel) if _interpret(k_new) else _WRITE_JIT
     kernel[(b * h,)](
         store.k, store.v, store.pos, store.score, store.live, store.free, k_new, v_new, qpos,
+        counter if counter is not None else qpos,
         store.k.stride(0), store.k.stride(1), store.k.stride(2), store.v.stride(0), store.v.stride(1),
         store.v.stride(2), k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1),
-        h, c, int(new_pos), HEAD_DIM=d, HEAD_DV=dv, num_warps=1,
+        h, c, int(new_pos), HEAD_DIM=d, HEAD_DV=dv, SEEN_IN_MEMORY=counter is not None, num_warps=1,
     )
 
 
@@ -272,9 +284,13 @@ def slot_decode_step(
     keys: Tensor | None = None,
     num_splits: int | None = None,
     scratch: _sda.Scratch | None = None,
+    counter: Tensor | None = None,
+    out: Tensor | None = None,
 ) -> Tensor:
     """Steps 2 and 3 in three Triton launches: :func:`slot_decode_step_reference` (arguments alike). ``scratch``:
-    the caller's work buffers, reused from step to step (a slot store keeps its shapes)."""
+    the caller's work buffers, reused from step to step (a slot store keeps its shapes). ``counter``: the device
+    counter :func:`write_slot` read (``seen - 1``), read here instead of ``seen`` and advanced by one. ``out``: the
+    ``[B, Hq, Dv]`` buffer to write the output into (a CUDA graph's static output)."""
     b, hq, _ = q.shape
     h, c = store.pos.shape[1], store.pos.shape[2]
     if mask_row is not None:
@@ -284,8 +300,11 @@ def slot_decode_step(
         q, store.k if keys is None else keys, store.v, None, store.score, scale=scale, softcap=softcap,
         gumbel=gumbel, qpos=qpos, kpos=store.pos, num_splits=num_splits,
         slot_mask=_sda.SlotMask(mask_row, mask_offset, masked_below),
-        evict=_sda.SlotEviction(rule.lo, rule.hi, from_seen, by_score, seen, accumulate), scratch=scratch)
+        evict=_sda.SlotEviction(rule.lo, rule.hi, from_seen, by_score, seen, accumulate, counter), scratch=scratch,
+        out=out)
     if partials is None:
+        if counter is not None:
+            counter.add_(1)
         return out
     part_key, part_pos, part_slot, part_free, blocks = partials
     interpret = _interpret(q)
@@ -293,7 +312,9 @@ def slot_decode_step(
     kernel = _da._interpreted(_evict_kernel) if interpret else _EVICT_JIT
     kernel[(b * h,)](
         part_key, part_pos, part_slot, part_free, store.pos, store.live, rule.budget, store.free,
+        counter if counter is not None else store.live,
         c, part_key.shape[1], blocks,
-        BLOCK=block, STATIC_ITERS=-(-blocks // block) if interpret else 0, num_warps=1,
+        BLOCK=block, STATIC_ITERS=-(-blocks // block) if interpret else 0, ADVANCE_SEEN=counter is not None,
+        num_warps=1,
     )
     return out

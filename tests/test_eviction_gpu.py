@@ -45,6 +45,38 @@ def test_triton_fast_path_in_bf16_runs_the_same_policy(config):
                      device="cuda", dtype=torch.bfloat16, atol=2e-2, rtol=2e-2)
 
 
+@pytest.mark.parametrize("config", [CONFIGS[0], CONFIGS[1], CONFIGS[3]], ids=lambda c: c.method)
+def test_decode_steps_replayed_from_a_cuda_graph_equal_eager_ones(config, monkeypatch):
+    """After a few eager steps a layer's decode step is replayed from a CUDA graph (the new token's position and the
+    length live on the device): step after step, outputs and kept sets are exactly those of the eager kernel path,
+    with padding in the mask, and after the mask row outgrows the graph's static copy (captured again)."""
+    from kvfx.eviction import make_policy
+    from kvfx.eviction.slot_cache import EvictingLayerCache
+
+    torch.manual_seed(0)
+    B, Hq, Hkv, D, T, steps = 2, 8, 2, 64, 40, 60
+    q, k, v = (torch.randn(B, h, T + steps, D, device="cuda") for h in (Hq, Hkv, Hkv))
+    valid = torch.ones(B, T + steps, dtype=torch.bool, device="cuda")
+    valid[1, :5] = False  # left padding in row 1
+    causal = torch.ones(T, T, dtype=torch.bool, device="cuda").tril()
+    prompt_mask = (causal[None] & valid[:, None, :T])[:, None]  # [B, 1, T, T]
+    caches = [EvictingLayerCache(0, [make_policy(config)] * Hkv) for _ in range(2)]
+    for cache in caches:
+        cache.compress_prompt(q[:, :, :T], k[:, :, :T], v[:, :, :T], prompt_mask, scale=D**-0.5, softcap=0.0,
+                              is_causal=False)
+    for t in range(T, T + steps):
+        mask = valid[:, None, None, : t + 1]
+        outs = []
+        for cache, graphs in zip(caches, ("1", "0")):
+            monkeypatch.setenv("KVFX_STEP_GRAPHS", graphs)
+            outs.append(cache.decode(q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1], mask, scale=D**-0.5,
+                                     softcap=0.0))
+        assert torch.equal(outs[0], outs[1]), f"step {t - T}"
+        assert caches[0].kept_positions() == caches[1].kept_positions(), f"step {t - T}"
+    assert caches[0].captured.replays == steps - 2  # all but the warm-up steps, the step that outgrew the row too
+    assert caches[1].captured.replays == 0
+
+
 class _Probe(LogitsProcessor):
     """Records, at every generation step, kvfx's KV bytes and the CUDA memory allocated."""
 

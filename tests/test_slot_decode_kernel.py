@@ -143,24 +143,33 @@ def test_step_equals_reference_compiled(**case):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("gumbel", [False, True])
-def test_steps_that_reuse_one_scratch_equal_the_reference(device, gumbel):
+@pytest.mark.parametrize("use_counter", [False, True])
+def test_steps_that_reuse_one_scratch_equal_the_reference(device, gumbel, use_counter):
     """A slot store's steps (200 slots: two splits) reuse their work buffers (score logits, partial outputs,
-    eviction candidates): every step still equals the reference, so nothing of a step leaks into the next."""
+    eviction candidates): every step still equals the reference, so nothing of a step leaks into the next. With a
+    device counter (what a step replayed from a CUDA graph reads), the kernels take the new token's position and
+    the length from it, ignore the stale ints they are given, and advance it by one per step."""
     q, k_new, v_new, fast, ref, rule, kwargs, seen = _case(
         device, torch.float32, B=2, Hkv=2, G=4, D=16, C=200, mask_kind="bool", gumbel=gumbel, softcap=0.0,
         accumulate=True, seed=5)
     scratch = Scratch()
+    counter = torch.full((1,), seen, dtype=torch.long, device=device) if use_counter else None
     gen = torch.Generator().manual_seed(9)
     row = kwargs.pop("mask_row")
     for step in range(4):
         qpos_fast, qpos_ref = (torch.zeros(q.shape[0], dtype=torch.long, device=device) for _ in range(2))
-        write_slot(fast, k_new, v_new, seen + step, qpos_fast)
+        given = seen if use_counter else seen + step  # with a counter: the first step's ints, every step
+        write_slot(fast, k_new, v_new, given, qpos_fast, counter=counter)
         write_slot_reference(ref, k_new, v_new, seen + step, qpos_ref)
         kwargs["seen"] = seen + step + 1
         mask = torch.cat([row, torch.ones(*row.shape[:2], step, dtype=torch.bool, device=device)], dim=-1)
-        out = slot_decode_step(q, fast, rule, qpos=qpos_fast, mask_row=mask, scratch=scratch, **kwargs)
+        out = slot_decode_step(q, fast, rule, qpos=qpos_fast, mask_row=mask, scratch=scratch, counter=counter,
+                               **{**kwargs, "seen": given + 1})
         ref_out = slot_decode_step_reference(q, ref, rule, qpos=qpos_ref, mask_row=mask, **kwargs)
         _compare(out, ref_out, fast, ref, device, torch.float32)
+        assert torch.equal(qpos_fast, qpos_ref)
+        if use_counter:
+            assert int(counter) == seen + step + 1
         q, k_new, v_new = (torch.randn(t.shape, generator=gen).to(device) for t in (q, k_new, v_new))
     assert scratch._buffers  # the buffers were made once and reused
 

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from kvfx.eviction.base import INF, NEVER, EvictionContext, EvictionError, EvictionPolicy
+from kvfx.eviction.step_graph import CapturedStep
 from kvfx.eviction.layer_inputs import attendable_columns, check_decode_batch, decode_mask_row, real_columns
 from kvfx.kernels.attention_scores import attention_column_scores, attention_column_scores_reference
 from kvfx.kernels.attention_scores import supports as column_scores_supports
@@ -80,6 +81,8 @@ class EvictingLayerCache:
         self.qpos: Tensor | None = None  # [B] int64: the position of the current query
         self.rule: EvictionRule | None = None  # the decode keep rules, made at the first decode step
         self.scratch = Scratch()  # the decode kernels' work buffers, reused from step to step
+        self.counter: Tensor | None = None  # [1] int64 on the GPU: tokens written (the kernels' copy of `seen`)
+        self.captured: CapturedStep | None = None  # the decode step as a CUDA graph (kernels only)
         self.seen = 0  # tokens written, padding included (the cache length transformers believes in)
         self.prompt_end = 0
 
@@ -187,26 +190,61 @@ class EvictingLayerCache:
         store = SlotStore(self.k, self.v, self.pos, self.score, self.live, self.free)
         query = q[:, :, 0]
         fast = _kernels_run(query, self.k, self.v)
-        (write_slot if fast else write_slot_reference)(store, k_new[:, :, 0], v_new[:, :, 0], self.seen, self.qpos)
-        self.seen += 1
         if self.rule is None:
-            self.rule = self._decode_rule()
-
-        keys = None
-        if self.compact_heads is not None:
-            query, keys = self._compact_positions(query, inv_freq)
+            self.rule = self._decode_rule(seen=self.seen + 1)  # as the step sees it, with the new token
         row, masked_below = decode_mask_row(mask)
-        step = slot_decode_step if fast else slot_decode_step_reference
-        out = step(query, store, self.rule, seen=self.seen, scale=scale, softcap=softcap, mask_row=row,
-                   mask_offset=0 if mask is None else self.seen - mask.shape[-1], masked_below=masked_below,
-                   gumbel=self.scorer.gumbel(self._context(self.scorer, [])) if self.scorer is not None else None,
-                   qpos=self.qpos, accumulate=self.scorer is not None, keys=keys,
-                   **({"scratch": self.scratch} if fast else {}))
+        mask_offset = 0 if mask is None else self.seen + 1 - mask.shape[-1]
+        noisy = self.scorer is not None and self.scorer.scores == "gumbel"  # Keyformer: tau moves every step
+        if not fast:
+            write_slot_reference(store, k_new[:, :, 0], v_new[:, :, 0], self.seen, self.qpos)
+            self.seen += 1
+            gumbel = self._gumbel()
+            keys = None
+            if self.compact_heads is not None:
+                query, keys = self._compact_positions(query, inv_freq)
+            out = slot_decode_step_reference(
+                query, store, self.rule, seen=self.seen, scale=scale, softcap=softcap, mask_row=row,
+                mask_offset=mask_offset, masked_below=masked_below, gumbel=gumbel, qpos=self.qpos,
+                accumulate=self.scorer is not None, keys=keys)
+            return out.unsqueeze(2)
+
+        if self.counter is None:  # the kernels read the position of the new token from the device
+            self.counter = torch.full((1,), self.seen, dtype=torch.long, device=self.k.device)
+        step_args = dict(scale=scale, softcap=softcap, mask_offset=mask_offset, masked_below=masked_below,
+                         qpos=self.qpos, accumulate=self.scorer is not None, scratch=self.scratch,
+                         counter=self.counter)
+        if self.compact_heads is not None or noisy:  # arguments that change every step: no replay
+            write_slot(store, k_new[:, :, 0], v_new[:, :, 0], self.seen, self.qpos, counter=self.counter)
+            self.seen += 1
+            keys = None
+            if self.compact_heads is not None:
+                query, keys = self._compact_positions(query, inv_freq)
+            return slot_decode_step(query, store, self.rule, seen=self.seen, mask_row=row, keys=keys,
+                                    gumbel=self._gumbel(), **step_args).unsqueeze(2)
+
+        seen = self.seen
+
+        def step(query: Tensor, k1: Tensor, v1: Tensor, row: Tensor | None, out: Tensor | None = None) -> Tensor:
+            write_slot(store, k1, v1, seen, self.qpos, counter=self.counter)
+            return slot_decode_step(query, store, self.rule, seen=seen + 1, mask_row=row, gumbel=None, out=out,
+                                    **step_args)
+
+        if self.captured is None:
+            self.captured = CapturedStep(step)
+        self.captured.step = step  # eager steps and a new capture run this step's arguments
+        # what a replay reuses: the store's buffers (a growing store gets new ones) and the step's scalars
+        out = self.captured(query, k_new[:, :, 0], v_new[:, :, 0], row,
+                            key=(self.k.data_ptr(), self.capacity, scale, softcap, mask_offset, masked_below))
+        self.seen += 1
         return out.unsqueeze(2)
 
-    def _decode_rule(self) -> EvictionRule:
+    def _gumbel(self) -> GumbelScores | None:
+        """Keyformer's noise parameters at this step (after ``seen`` counts the new token); None for other scores."""
+        return self.scorer.gumbel(self._context(self.scorer, [])) if self.scorer is not None else None
+
+    def _decode_rule(self, seen: int) -> EvictionRule:
         """Every head's keep rule for the decode steps, as tensors ``[B, Hkv]`` (constant from the first step on:
-        a rule moves with the length only through ``from_seen``)."""
+        a rule moves with the length only through ``from_seen``), made at the first step's ``seen``."""
         b, h = self.live.shape
         device = self.pos.device
         lo = torch.zeros(b, h, dtype=torch.long, device=device)
@@ -214,7 +252,7 @@ class EvictingLayerCache:
         from_seen = torch.zeros(h, dtype=torch.bool, device=device)
         by_score = torch.zeros(h, dtype=torch.bool, device=device)
         for policy, heads in self.groups:
-            rule = policy.rule(self._context(policy, heads))
+            rule = policy.rule(self._context(policy, heads, seen=seen))
             lo[:, heads] = rule.protect_below.view(b, 1)
             hi[:, heads] = rule.protect_from.view(b, 1)
             from_seen[heads] = rule.from_seen
@@ -249,9 +287,9 @@ class EvictingLayerCache:
         self.pos = torch.cat([self.pos, self.pos.new_full((b, h, extra), -1)], dim=2)
         self.score = torch.cat([self.score, self.score.new_zeros(b, h, extra)], dim=2)
 
-    def _context(self, policy: EvictionPolicy, heads) -> EvictionContext:
+    def _context(self, policy: EvictionPolicy, heads, seen: int | None = None) -> EvictionContext:
         head = heads[0] if isinstance(heads, list) and heads else 0
-        return EvictionContext(layer=self.layer, prompt_end=self.prompt_end, seen=self.seen,
+        return EvictionContext(layer=self.layer, prompt_end=self.prompt_end, seen=self.seen if seen is None else seen,
                                first_valid=self.first_valid, budget=self.budget[:, head],
                                recent=self.recent[:, head])
 

@@ -111,7 +111,7 @@ class QuantizedEvictingLayerCache(EvictingLayerCache):
         self.qpos.fill_(self.seen)
         self.seen += 1
         if self.rule is None:
-            self.rule = self._decode_rule()
+            self.rule = self._decode_rule(seen=self.seen)
 
         keys, values = reconstruct(self.quantized.decode_inputs())  # [B, Hkv, slots, D] float32
         store = SlotStore(keys, values, self.pos[:, :, : self.slots], self.score[:, :, : self.slots], self.live,
