@@ -91,15 +91,6 @@ def main(argv=None) -> int:
             seen[0] += 1
 
         report(f"kvfx::attention decode, {name} (+ a mask row)", per_call_us(step, min(a.calls, 300)))
-        impl = getattr(kvfx.ops.attention, "_init_fn", None)  # the op's Python body, without the op dispatch
-        if impl is not None:
-            def direct():
-                past = handle.expand(B, Hkv, seen[0], D)
-                row = torch.ones(B, 1, 1, seen[0] + 1, device=dev, dtype=torch.bool)
-                impl(q[:, :, None], new, new, past, row, 0, D**-0.5, 0.0, False, 0, True, False, None)
-                seen[0] += 1
-
-            report("  the same, its Python body called directly", per_call_us(direct, min(a.calls, 300)))
         if name in a.cprofile.split(","):
             import cProfile
             import pstats

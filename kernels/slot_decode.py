@@ -25,6 +25,9 @@ otherwise the running score (``by_score``) or the position itself (older goes fi
 CUDA tensors run Triton kernels: a write kernel; the split kernel of scored_decode_attention reading the mask at
 each slot's position; its finish kernel, which also adds the scores and finds each block of slots' eviction
 candidate; and a last kernel that picks each (row, head)'s victim. Four launches, no host sync, K and V read once.
+Given a device ``counter`` (the tokens written so far), the kernels read the new token's position and the length
+from it instead of their int arguments and the last kernel advances it, so that the step can be captured once in a
+CUDA graph and replayed (kvfx.eviction.step_graph).
 CPU tensors run the torch reference (:func:`slot_decode_step_reference`), or the kernels under TRITON_INTERPRET=1.
 Tensors in, tensors out: nothing here knows about policies or models.
 """

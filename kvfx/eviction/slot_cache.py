@@ -15,7 +15,9 @@ position fix-up; masks and positional biases (ALiBi) are read at each slot's ori
 - Decode, one token (``kvfx.kernels.slot_decode``: Triton kernels on CUDA, their torch reference elsewhere): write it
   into the free slot, attend over the slots (each slot's score contribution comes out of the same pass over K),
   then, where a row and head hold more than their budget, empty the slot of lowest keep-priority (the policies'
-  rules as tensors): O(capacity) per step, no compaction, no host sync.
+  rules as tensors): O(capacity) per step, no compaction, no host sync. The kernels read the new token's position
+  from a device counter, so after two eager steps the step is captured in a CUDA graph and replayed
+  (kvfx.eviction.step_graph; not for Keyformer, whose temperature moves every step, nor compact positions).
 
 A layer may mix policies across its KV heads (``None`` = keep everything; such a layer grows in chunks).
 """
