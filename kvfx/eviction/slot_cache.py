@@ -30,8 +30,8 @@ import torch
 from torch import Tensor
 
 from kvfx.eviction.base import INF, NEVER, EvictionContext, EvictionError, EvictionPolicy
-from kvfx.eviction.step_graph import CapturedStep
 from kvfx.eviction.layer_inputs import attendable_columns, check_decode_batch, decode_mask_row, real_columns
+from kvfx.eviction.step_graph import CapturedStep
 from kvfx.kernels.attention_scores import attention_column_scores, attention_column_scores_reference
 from kvfx.kernels.attention_scores import supports as column_scores_supports
 from kvfx.kernels.scored_decode_attention import GumbelScores, Scratch
@@ -197,39 +197,31 @@ class EvictingLayerCache:
         row, masked_below = decode_mask_row(mask)
         mask_offset = 0 if mask is None else self.seen + 1 - mask.shape[-1]
         noisy = self.scorer is not None and self.scorer.scores == "gumbel"  # Keyformer: tau moves every step
-        if not fast:
-            write_slot_reference(store, k_new[:, :, 0], v_new[:, :, 0], self.seen, self.qpos)
-            self.seen += 1
-            gumbel = self._gumbel()
-            keys = None
-            if self.compact_heads is not None:
-                query, keys = self._compact_positions(query, inv_freq)
-            out = slot_decode_step_reference(
-                query, store, self.rule, seen=self.seen, scale=scale, softcap=softcap, mask_row=row,
-                mask_offset=mask_offset, masked_below=masked_below, gumbel=gumbel, qpos=self.qpos,
-                accumulate=self.scorer is not None, keys=keys)
-            return out.unsqueeze(2)
-
-        if self.counter is None:  # the kernels read the position of the new token from the device
-            self.counter = torch.full((1,), self.seen, dtype=torch.long, device=self.k.device)
-        step_args = dict(scale=scale, softcap=softcap, mask_offset=mask_offset, masked_below=masked_below,
-                         qpos=self.qpos, accumulate=self.scorer is not None, scratch=self.scratch,
-                         counter=self.counter)
-        if self.compact_heads is not None or noisy:  # arguments that change every step: no replay
-            write_slot(store, k_new[:, :, 0], v_new[:, :, 0], self.seen, self.qpos, counter=self.counter)
+        common = dict(scale=scale, softcap=softcap, mask_offset=mask_offset, masked_below=masked_below,
+                      qpos=self.qpos, accumulate=self.scorer is not None)
+        if fast:
+            if self.counter is None:  # the kernels read the position of the new token from the device
+                self.counter = torch.full((1,), self.seen, dtype=torch.long, device=self.k.device)
+            common.update(scratch=self.scratch, counter=self.counter)
+        if not fast or self.compact_heads is not None or noisy:  # no replay: arguments that change every step
+            if fast:
+                write_slot(store, k_new[:, :, 0], v_new[:, :, 0], self.seen, self.qpos, counter=self.counter)
+            else:
+                write_slot_reference(store, k_new[:, :, 0], v_new[:, :, 0], self.seen, self.qpos)
             self.seen += 1
             keys = None
             if self.compact_heads is not None:
                 query, keys = self._compact_positions(query, inv_freq)
-            return slot_decode_step(query, store, self.rule, seen=self.seen, mask_row=row, keys=keys,
-                                    gumbel=self._gumbel(), **step_args).unsqueeze(2)
+            attend = slot_decode_step if fast else slot_decode_step_reference
+            return attend(query, store, self.rule, seen=self.seen, mask_row=row, keys=keys, gumbel=self._gumbel(),
+                          **common).unsqueeze(2)
 
         seen = self.seen
 
         def step(query: Tensor, k1: Tensor, v1: Tensor, row: Tensor | None, out: Tensor | None = None) -> Tensor:
             write_slot(store, k1, v1, seen, self.qpos, counter=self.counter)
             return slot_decode_step(query, store, self.rule, seen=seen + 1, mask_row=row, gumbel=None, out=out,
-                                    **step_args)
+                                    **common)
 
         if self.captured is None:
             self.captured = CapturedStep(step)
@@ -291,9 +283,9 @@ class EvictingLayerCache:
 
     def _context(self, policy: EvictionPolicy, heads, seen: int | None = None) -> EvictionContext:
         head = heads[0] if isinstance(heads, list) and heads else 0
-        return EvictionContext(layer=self.layer, prompt_end=self.prompt_end, seen=self.seen if seen is None else seen,
-                               first_valid=self.first_valid, budget=self.budget[:, head],
-                               recent=self.recent[:, head])
+        return EvictionContext(layer=self.layer, prompt_end=self.prompt_end,
+                               seen=self.seen if seen is None else seen, first_valid=self.first_valid,
+                               budget=self.budget[:, head], recent=self.recent[:, head])
 
 
 def rotate(x: Tensor, shift: Tensor, inv_freq: Tensor) -> Tensor:
