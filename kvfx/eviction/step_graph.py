@@ -49,7 +49,8 @@ class CapturedStep:
         key = (key, *(_layout(t) for t in (q, k_new, v_new)), None if row is None else (row.shape[:-1], row.dtype))
         if not enabled() or torch.cuda.is_current_stream_capturing():
             return self.step(q, k_new, v_new, row)
-        fits = row is None or (self.static is not None and row.shape[-1] <= self.static[3].shape[-1])
+        static_row = self.static[3] if self.static is not None else None
+        fits = row is None or (static_row is not None and row.shape[-1] <= static_row.shape[-1])
         if self.graph is not None and key == self.key and fits:
             return self._replay(q, k_new, v_new, row)
         if self.eager_steps < WARMUP:
@@ -58,7 +59,7 @@ class CapturedStep:
             self._make_static(q, k_new, v_new, row, out, key)
             return out
         self._make_static(q, k_new, v_new, row, None, key)
-        self._capture(key)
+        self._capture()
         return self._replay(q, k_new, v_new, row)
 
     def _make_static(self, q, k_new, v_new, row, out, key) -> None:
@@ -82,7 +83,7 @@ class CapturedStep:
         self.replays += 1
         return self.out.clone()
 
-    def _capture(self, key) -> None:
+    def _capture(self) -> None:
         self.graph = None  # free the old graph before capturing a new one
         # Capture on a side stream, as torch.cuda.graph does, without its gc.collect() and empty_cache(): one
         # capture per layer and sequence must stay cheap.
