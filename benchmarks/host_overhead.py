@@ -80,14 +80,14 @@ def main(argv=None) -> int:
     for name, spec in specs.items():
         plan_id = register_plan(Spec.from_dict(spec), num_layers=1, num_kv_heads=Hkv)
         handle = REGISTRY.begin(q, plan_id)
-        torch.ops.kvfx.attention(qq, kk, kk, handle, None, 0, D**-0.5, 0.0, True, 0, False, False, None)
+        torch.ops.kvfx.attention(qq, kk, kk, handle, None, 0, D**-0.5, 0.0, True, 0, False, False, None, [], [])
         seen = [T]
 
         def step():
             past = handle.expand(B, Hkv, seen[0], D)
             row = torch.ones(B, 1, 1, seen[0] + 1, device=dev, dtype=torch.bool)
             torch.ops.kvfx.attention(q[:, :, None], new, new, past, row, 0, D**-0.5, 0.0, False, 0, True, False,
-                                     None)
+                                     None, [], [])
             seen[0] += 1
 
         report(f"kvfx::attention decode, {name} (+ a mask row)", per_call_us(step, min(a.calls, 300)))

@@ -82,6 +82,7 @@ def rewrite_graph(gm: GraphModule, spec: Spec) -> RewriteReport:
                         f"layers {missing} of this model have none kvfx recognises")
     counters["kvfx"]["attention_rewritten"] += len(report.rewritten)
     counters["kvfx"]["attention_unsupported"] += len(report.unsupported)
+    counters["kvfx"]["mask_factored"] += sum(site.mask_factored for site in report.rewritten)
     for site in report.unsupported:
         warnings.warn(f"kvfx: attention layer {site.layer} ({site.kind}) left unchanged: {site.reason}", stacklevel=2)
     for site, name in report.leftovers:

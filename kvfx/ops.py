@@ -11,7 +11,7 @@ on any device. Their CPU path is the torch reference; on CUDA the decode step ru
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import List, Optional
 
 import torch
 from torch import Tensor
@@ -22,6 +22,7 @@ from kvfx.eviction.razor import retrieval_heads
 from kvfx.eviction.slot_cache import EvictingLayerCache
 from kvfx.kernels.decode_attention import decode_attention, decode_attention_reference, supports
 from kvfx.kernels.prefill_attention import attention_math, prefill_attention
+from kvfx.mask_factors import MaskFactors
 from kvfx.notices import warn_once
 from kvfx.plans import plan
 from kvfx.quantization import QuantizedLayerCache, make_quantized_cache
@@ -55,8 +56,16 @@ def attention(
     continuing: bool,  # the graph received a past cache (decode), rather than starting from an empty one
     eager_math: bool,  # the model used eager attention: reproduce its arithmetic on the reference path
     rope_inv_freq: Optional[Tensor],  # [D/2] the keys' RoPE frequencies, where the plan re-rotates kept keys
+    mask_terms: List[Tensor],  # a prompt's bool mask as the AND of these factors (kvfx.mask_factors), or []
+    mask_kinds: List[int],  # the factors' kinds: indices into kvfx.mask_factors.KINDS
 ) -> Tensor:  # [B, Hq, Tq, Dv]
-    cache = _layer_cache(REGISTRY.lookup(handle), layer, keep_last)
+    state = REGISTRY.lookup(handle)
+    cache = _layer_cache(state, layer, keep_last)
+    factors = MaskFactors.parse(mask_terms, mask_kinds)
+    if factors is not None:
+        if mask is not None:
+            raise KvfxCacheError(f"layer {layer}: kvfx::attention got both a mask and mask factors")
+        mask, is_causal = _from_factors(state, factors, q, k_new, continuing, is_causal)
     if mask is not None:
         mask = _as_4d(mask)
     past = handle.shape[-2] if continuing else 0
@@ -82,7 +91,7 @@ def attention(
 
 @attention.register_fake
 def _attention_fake(q, k_new, v_new, handle, mask, layer, scale, softcap, is_causal, keep_last, continuing,
-                    eager_math, rope_inv_freq):
+                    eager_math, rope_inv_freq, mask_terms, mask_kinds):
     return q.new_empty(*q.shape[:-1], v_new.shape[-1])
 
 
@@ -97,6 +106,22 @@ def _no_backward(ctx, grad):
 # The cache state is not differentiable: outputs are marked so, and no backward is ever traced through kvfx.
 attention.register_autograd(_no_backward, setup_context=_mark_inference_only)
 begin_sequence.register_autograd(_no_backward, setup_context=_mark_inference_only)
+
+
+def _from_factors(state: SequenceState, factors: MaskFactors, q: Tensor, k_new: Tensor, continuing: bool,
+                  is_causal: bool) -> tuple[Tensor | None, bool]:
+    """``(mask, is_causal)`` for a mask given as factors: a prompt's plain causal mask (checked once per sequence
+    and set of factors) becomes ``(None, True)``, so that prefill runs SDPA's causal kernels with no mask tensor;
+    any other mask (padding, a sliding window) is built, ``[B, 1, Tq, Tk]``."""
+    batch, queries = q.shape[0], q.shape[2]
+    if not continuing and not is_causal and queries == k_new.shape[2]:
+        key = factors.key()
+        causal = state.causal_masks.get(key)
+        if causal is None:
+            causal = state.causal_masks[key] = factors.is_plain_causal(batch, queries)
+        if causal:
+            return None, True
+    return factors.materialize(batch, queries), is_causal
 
 
 def _layer_cache(state: SequenceState, layer: int, keep_last: int):

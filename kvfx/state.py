@@ -121,6 +121,7 @@ class SequenceState:
 
     plan_id: int
     layers: dict[int, LayerCache] = field(default_factory=dict)
+    causal_masks: dict[tuple, bool] = field(default_factory=dict)  # prompt mask factors -> plain causal or not
 
     @property
     def nbytes(self) -> int:

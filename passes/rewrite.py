@@ -3,7 +3,8 @@
 For each attention site (in graph order, which is layer order):
 1. match it with the pattern table and trace its keys and values back to the cache update (``cat``);
 2. check that the cache tensors are used only by this attention and by the graph output;
-3. replace the attention with ``kvfx::attention(q, k_new, v_new, handle, mask, ...)``;
+3. replace the attention with ``kvfx::attention(q, k_new, v_new, handle, mask, ...)`` (a prompt's bool mask as
+   its factors: kvfx.passes.factor_mask);
 4. replace the cache tensors in the graph output with zero-storage views of the sequence handle, so that
    transformers' ``DynamicCache`` keeps no copy; the ``cat`` then has no users and dead-code elimination removes it.
 Sites that cannot be handled are left untouched and reported with the reason: never silently wrong.
@@ -19,6 +20,7 @@ from torch.fx import Graph, GraphModule, Node
 
 from kvfx.passes.attention_patterns import ATTENTION_PATTERNS, AttentionMatch, Unsupported
 from kvfx.passes.cache_update import CacheRead, find_cache_updates, trace_cache_read
+from kvfx.passes.factor_mask import factor_bool_mask
 from kvfx.passes.graph_utils import example, is_op, normalize_dim, shape
 from kvfx.passes.rope import find_rope
 
@@ -31,6 +33,7 @@ class Site:
     heads: tuple[int, int] | None = None  # (query heads, KV heads)
     cats: tuple[Node, ...] = ()  # the cache updates the rewrite made dead
     rope_missing: bool = False  # the plan re-rotates this layer's keys, but no RoPE was found on them
+    mask_factored: bool = False  # the op takes the prompt's bool mask as its factors (kvfx.passes.factor_mask)
 
 
 @dataclass
@@ -136,7 +139,8 @@ def rewrite_attention(gm: GraphModule, sites: list[AttentionMatch | Unsupported]
         site_handle = keys.past if keys.continuing else handle
         rope = find_rope(keys.new) if layer in rope_layers else None
         site.rope_missing = layer in rope_layers and rope is None
-        _replace_attention(graph, found, keys, values, site_handle, layer, keep_last, rope and rope.inv_freq)
+        site.mask_factored = _replace_attention(graph, found, keys, values, site_handle, layer, keep_last,
+                                                rope and rope.inv_freq)
         _replace_cache_outputs(graph, output, keys, site_handle)
         _replace_cache_outputs(graph, output, values, values.past if values.continuing else handle)
     graph.eliminate_dead_code()
@@ -229,6 +233,7 @@ def _keep_last_slice(user: Node, output: Node) -> int | None:
 
 def _replace_attention(graph, found: AttentionMatch, keys: CacheRead, values: CacheRead, handle, layer, keep_last,
                        inv_freq: Node | None):
+    """Replace the attention of ``found`` by kvfx::attention; returns whether its mask went in as factors."""
     out_value = example(found.output)
     with graph.inserting_before(found.output):
         mask = found.bool_mask
@@ -238,10 +243,15 @@ def _replace_attention(graph, found: AttentionMatch, keys: CacheRead, values: Ca
             mask = terms[0]
             for term in terms[1:]:
                 mask = graph.call_function(torch.add, (mask, term))
+        # a prompt's [B, 1, T, T] bool mask: its factors instead (a decode step's mask row is small: kept)
+        factors = factor_bool_mask(mask) if mask is found.bool_mask and mask is not None and not keys.continuing \
+            else None
+        mask_terms, mask_kinds = factors if factors is not None else ([], [])
         attention = graph.call_function(
             torch.ops.kvfx.attention.default,
-            (found.query, keys.new, values.new, handle, mask, layer, found.scale, found.softcap,
-             found.is_causal, keep_last, keys.continuing, found.kind == "eager", inv_freq),
+            (found.query, keys.new, values.new, handle, None if factors else mask, layer, found.scale,
+             found.softcap, found.is_causal, keep_last, keys.continuing, found.kind == "eager", inv_freq,
+             mask_terms, mask_kinds),
         )
         result = attention
         query_value = example(found.query)
@@ -250,6 +260,7 @@ def _replace_attention(graph, found: AttentionMatch, keys: CacheRead, values: Ca
     if out_value is not None:
         attention.meta["example_value"] = out_value
     found.output.replace_all_uses_with(result)
+    return factors is not None
 
 
 def _replace_cache_outputs(graph, output: Node, read: CacheRead, handle: Node) -> None:
