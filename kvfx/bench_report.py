@@ -167,7 +167,8 @@ def markdown(payload: Mapping[str, Any]) -> str:
                      "of its own run")
     if meta.get("quanto_unpack"):
         lines.append(f"- quanto unpack: {meta['quanto_unpack']}")
-    lines += ["- decode: mean step of a generate() call (CUDA events at every token), median over calls; "
+    lines += ["- decode: mean step of a generate() call (CUDA events at every token), median over calls (calls "
+              "min-max: the fastest and slowest call); "
               "tokens/s = batch / step; TTFT: the call to its first token (prefill); peak: max_memory_allocated "
               "over the call (weights included), over weights: minus what the model holds; KV: bytes the cache "
               "holds at the end; floor: (weights + full KV at the mean context) read once at the copy bandwidth; "
@@ -176,8 +177,8 @@ def markdown(payload: Mapping[str, Any]) -> str:
     goal_lines = goals(rows)
     if goal_lines:
         lines += ["## Goals at llama-1b B=8 T=32768", "", *goal_lines, ""]
-    header = ("| configuration | decode ms/step | tokens/s | vs stock | TTFT ms | peak GiB | over weights GiB | "
-              "mem cut | KV GiB | KV share | x floor | status |")
+    header = ("| configuration | decode ms/step | calls min-max | tokens/s | vs stock | TTFT ms | peak GiB | "
+              "over weights GiB | mem cut | KV GiB | KV share | x floor | status |")
     for workload in workloads(rows):
         members = _of(rows, workload)
         baseline = best_stock(members)
@@ -188,7 +189,7 @@ def markdown(payload: Mapping[str, Any]) -> str:
             lines += [f"floor {any_row['floor_ms']:.3f} ms/step: {any_row['weight_bytes_read'] / 1e9:.2f} GB "
                       f"weights + {_num(any_row.get('floor_kv_bytes'), '.2f', 1e9)} GB KV read at "
                       f"{_num(any_row.get('bandwidth_bytes_per_s'), '.2f', 1e12)} TB/s", ""]
-        lines += [header, "| " + " | ".join(["---"] * 12) + " |"]
+        lines += [header, "| " + " | ".join(["---"] * 13) + " |"]
         for row in members:
             ok = _ok(row)
             status = "ok" if ok else f"{row['status']}: {row.get('message', '')}"
@@ -199,6 +200,7 @@ def markdown(payload: Mapping[str, Any]) -> str:
             cells = [
                 row["config"],
                 _num(row.get("decode_ms") if ok else None, ".2f"),
+                _call_spread(row) if ok else "-",
                 _num(row.get("tokens_per_s") if ok else None, ".0f"),
                 _num(speedup(row, baseline), ".2f") + ("x" if _ok(row) and _ok(baseline) else ""),
                 _num(row.get("ttft_ms") if ok else None, ".0f"),
@@ -213,6 +215,12 @@ def markdown(payload: Mapping[str, Any]) -> str:
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
+
+
+def _call_spread(row: Mapping) -> str:
+    """The fastest and slowest timed call's mean decode step: how far one call strays from the median."""
+    steps = [r["decode_ms"] for r in row.get("per_repeat") or () if r.get("decode_ms") is not None]
+    return f"{min(steps):.1f}-{max(steps):.1f}" if steps else "-"
 
 
 # ----------------------------------------------------------------------------------------------------------------
