@@ -110,3 +110,34 @@ def test_bad_compiler_option_is_rejected():
     fn = torch.compile(lambda x: x + 1, backend="kvfx", options={"compiler": "tvm"})
     with pytest.raises(Exception, match="options\\['compiler'\\] is 'tvm', not one of inductor, aot_eager, eager"):
         fn(torch.ones(2))
+
+
+@pytest.mark.parametrize("options,message", [
+    ({"cpp_wrapper": "yes"}, "options\\['cpp_wrapper'\\] is 'yes', not True or False"),
+    ({"cpp_wrapper": True, "compiler": "eager"}, "options\\['cpp_wrapper'\\] is inductor's; the compiler is 'eager'"),
+])
+def test_bad_cpp_wrapper_option_is_rejected(options, message):
+    torch._dynamo.reset()
+    fn = torch.compile(lambda x: x + 1, backend="kvfx", options=options)
+    with pytest.raises(Exception, match=message):
+        fn(torch.ones(2))
+
+
+@pytest.mark.slow
+def test_cpp_wrapper_compiles_the_rewritten_graph_and_generates_what_aot_eager_does():
+    """Inductor's C++ wrapper calls kvfx's Python custom op from compiled code, with an evicting cache (window 4 of
+    a 6-token prompt): the same tokens and logits as the graph run by aot_eager (fp32, kernels in another order:
+    see test_families for the tolerance)."""
+    spec = {"version": 1, "default": {"evict": {"method": "window", "sink": 2, "budget": 4}}}
+    plain, compiled = tiny_model("llama", "sdpa"), tiny_model("llama", "sdpa")
+    ids, mask = left_padded_batch([6, 6], seed=2)
+    kwargs = dict(attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0, output_scores=True,
+                  return_dict_in_generate=True)
+    plain.forward = compile_kvfx(plain.forward, spec=spec)
+    expected = plain.generate(ids, **kwargs)
+    compiled.forward = compile_kvfx(compiled.forward, compiler="inductor", cpp_wrapper=True, spec=spec)
+    actual = compiled.generate(ids, **kwargs)
+    assert counters["kvfx"]["attention_rewritten"] >= 2
+    assert torch.equal(expected.sequences, actual.sequences)
+    for e, a in zip(expected.scores, actual.scores, strict=True):
+        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4)
