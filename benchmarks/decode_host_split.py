@@ -30,14 +30,9 @@ def main(argv=None) -> int:
         print("decode_host_split: CUDA is not available", file=sys.stderr)
         return 2
     import kvfx.ops as ops
-    from kvfx.bench_models import LLAMA_1B, load_model
+    from kvfx.bench_models import decode_probe_model
 
-    batch, prompt = (int(x) for x in a.size.lower().split("x"))
-    model = load_model(LLAMA_1B, "cuda", torch.bfloat16, prompt + a.new_tokens + 8)
-    if a.spec != "dynamic":
-        model.forward = torch.compile(model.forward, backend="kvfx", options={
-            "spec": a.spec, "verbose": False, "cpp_wrapper": a.cpp_wrapper})
-    ids = torch.randint(100, 30000, (batch, prompt), device="cuda")
+    model, ids = decode_probe_model(a.size, a.spec, a.new_tokens, cpp_wrapper=a.cpp_wrapper)
     starts, forward_s, op_s = [], [], [0.0]
     compiled_forward, compressing = model.forward, ops._attend_compressing
 

@@ -31,15 +31,10 @@ def main(argv=None) -> int:
         return 2
     from torch.profiler import ProfilerActivity, profile
 
-    from kvfx.bench_models import LLAMA_1B, load_model
+    from kvfx.bench_models import decode_probe_model
     from kvfx.results import results_path
 
-    batch, prompt = (int(x) for x in a.size.lower().split("x"))
-    model = load_model(LLAMA_1B, "cuda", torch.bfloat16, prompt + a.new_tokens + 8)
-    if a.spec != "dynamic":
-        model.forward = torch.compile(model.forward, backend="kvfx",
-                                      options={"spec": a.spec, "compiler": a.compiler, "verbose": False})
-    ids = torch.randint(100, 30000, (batch, prompt), device="cuda")
+    model, ids = decode_probe_model(a.size, a.spec, a.new_tokens, compiler=a.compiler)
 
     def run(n):
         with torch.no_grad():

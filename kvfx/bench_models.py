@@ -72,6 +72,18 @@ def random_config(shape: str, max_positions: int):
     return LlamaConfig(max_position_embeddings=max_positions, **shapes[shape])
 
 
+def decode_probe_model(size: str, spec: str, new_tokens: int, **options):
+    """``(model, prompt ids)`` for the decode probes in benchmarks/: the 1B-shaped random model in bf16 on CUDA, its
+    forward compiled with the kvfx backend (``options`` beside ``spec``; ``spec`` 'dynamic': stock eager
+    transformers), and a random prompt of ``size`` ``"BATCHxPROMPT"``."""
+    batch, prompt = (int(x) for x in size.lower().split("x"))
+    model = load_model(LLAMA_1B, "cuda", torch.bfloat16, prompt + new_tokens + 8)
+    if spec != "dynamic":
+        model.forward = torch.compile(model.forward, backend="kvfx", options={"spec": spec, "verbose": False,
+                                                                               **options})
+    return model, torch.randint(100, 30000, (batch, prompt), device="cuda")
+
+
 def load_model(model: str, device: str | torch.device, dtype: torch.dtype, max_positions: int, seed: int = 0):
     """A model for ``Workload.model``: random weights (made on ``device``, seeded) or a local folder; SDPA
     attention, eval mode."""
