@@ -13,23 +13,11 @@ the ``[B, 1, Tq, Tk]`` mask. Any other mask (float, or a bool mask that is not s
 
 from __future__ import annotations
 
-import operator
-
 import torch
 from torch.fx import Node
 
 from kvfx.mask_factors import KINDS
-from kvfx.passes.graph_utils import example, is_op
-
-_AND = {operator.and_, operator.iand, torch.logical_and, torch.bitwise_and, torch.Tensor.logical_and,
-        torch.Tensor.bitwise_and, torch.Tensor.__and__}
-_AND_METHODS = {"logical_and", "bitwise_and", "__and__"}
-_COMPARISONS = {
-    operator.le: "le", torch.le: "le", torch.Tensor.le: "le",
-    operator.lt: "lt", torch.lt: "lt", torch.Tensor.lt: "lt",
-    operator.ge: "ge", torch.ge: "ge", torch.Tensor.ge: "ge",
-    operator.gt: "gt", torch.gt: "gt", torch.Tensor.gt: "gt",
-}
+from kvfx.passes.graph_utils import example, is_op, op_name
 
 
 def factor_bool_mask(mask: Node) -> tuple[list[Node], list[int]] | None:
@@ -80,9 +68,7 @@ def _and_leaves(node: Node, depth: int = 0) -> list[Node] | None:
 
 
 def _is_and(node: Node) -> bool:
-    if node.op == "call_function" and node.target in _AND:
-        return len(node.args) == 2 and not node.kwargs
-    return node.op == "call_method" and node.target in _AND_METHODS and len(node.args) == 2 and not node.kwargs
+    return is_op(node, "and") and len(node.args) == 2 and not node.kwargs
 
 
 def _through_device_move(node: Node) -> Node:
@@ -96,13 +82,8 @@ def _through_device_move(node: Node) -> Node:
 
 
 def _comparison(node: Node) -> tuple[str, Node, Node] | None:
-    if node.op == "call_function":
-        name = _COMPARISONS.get(node.target)
-    elif node.op == "call_method":
-        name = node.target if node.target in ("le", "lt", "ge", "gt") else None
-    else:
-        name = None
-    if name is None or len(node.args) != 2 or node.kwargs:
+    name = op_name(node)
+    if name not in ("le", "lt", "ge", "gt") or len(node.args) != 2 or node.kwargs:
         return None
     a, b = node.args
     if not (isinstance(a, Node) and isinstance(b, Node) and example(a) is not None and example(b) is not None):

@@ -27,8 +27,12 @@ _FUNCTION_NAMES = {
     torch.nn.functional.scaled_dot_product_attention: "sdpa",
     operator.getitem: "getitem",
     torch.Tensor.masked_fill: "masked_fill", torch.where: "where",
+    operator.and_: "and", operator.iand: "and", torch.logical_and: "and", torch.bitwise_and: "and",
+    torch.Tensor.logical_and: "and", torch.Tensor.bitwise_and: "and", torch.Tensor.__and__: "and",
+    operator.le: "le", torch.le: "le", torch.Tensor.le: "le", operator.lt: "lt", torch.lt: "lt", torch.Tensor.lt: "lt",
+    operator.ge: "ge", torch.ge: "ge", torch.Tensor.ge: "ge", operator.gt: "gt", torch.gt: "gt", torch.Tensor.gt: "gt",
 }
-_METHOD_NAMES = {"div": "truediv", "view": "view"}
+_METHOD_NAMES = {"div": "truediv", "view": "view", "logical_and": "and", "bitwise_and": "and", "__and__": "and"}
 
 
 def op_name(node: Node) -> str | None:
