@@ -21,7 +21,7 @@ from torch.fx import Graph, GraphModule, Node
 from kvfx.passes.attention_patterns import ATTENTION_PATTERNS, AttentionMatch, Unsupported
 from kvfx.passes.cache_update import CacheRead, find_cache_updates, trace_cache_read
 from kvfx.passes.factor_mask import factor_bool_mask
-from kvfx.passes.graph_utils import example, is_op, normalize_dim, shape
+from kvfx.passes.graph_utils import example, is_op, shape
 from kvfx.passes.rope import find_rope
 
 
