@@ -9,7 +9,9 @@ registration would trip the registry's duplicate-name assertion.
 Options: ``spec`` (a path to YAML/JSON, a dict, or a :class:`kvfx.spec.Spec`; default: the identity policy),
 ``compiler`` ("inductor" (default), "aot_eager" or "eager": what runs the rewritten graph), ``verbose`` (default
 True: print one summary line per compiled graph), ``cpp_wrapper`` (default False: inductor's C++ wrapper instead of
-its Python one, which launches a graph's kernels with less host time per launch and compiles more slowly).
+its Python one, which launches a graph's kernels with less host time per launch and compiles more slowly),
+``cuda_graphs`` (default False: replay each decode graph's stretches between two attention calls from CUDA graphs,
+kvfx.graph_replay; the attention calls and the mask built from the growing attention mask stay on the host).
 """
 
 from __future__ import annotations
@@ -22,8 +24,11 @@ from typing import Any
 import torch
 from torch._dynamo.utils import counters
 from torch.fx import GraphModule
+from torch.fx.experimental.symbolic_shapes import free_symbols
 
 import kvfx.ops  # noqa: F401  (registers the kvfx custom ops the rewritten graphs call)
+from kvfx.graph_replay import replay_static_stages
+from kvfx.passes.partition import is_attention, split_stages
 from kvfx.passes.rewrite import (RewriteReport, find_attention_sites, head_dims, kv_heads, prompt_length,
                                  rewrite_attention)
 from kvfx.plans import (check_implemented, check_profiles, check_prompt_budgets, check_quantization, compact_layers,
@@ -40,23 +45,26 @@ class BackendOptions:
     compiler: str = "inductor"
     verbose: bool = True
     cpp_wrapper: bool = False
+    cuda_graphs: bool = False
 
     @classmethod
     def parse(cls, options: dict[str, Any] | None) -> BackendOptions:
         options = dict(options or {})
-        allowed = ("spec", "compiler", "verbose", "cpp_wrapper")
+        allowed = ("spec", "compiler", "verbose", "cpp_wrapper", "cuda_graphs")
         unknown = set(options) - set(allowed)
         if unknown:
             raise ValueError(f"kvfx: unknown backend option(s) {sorted(unknown)} (allowed: {', '.join(allowed)})")
         compiler = options.get("compiler", "inductor")
         if compiler not in COMPILERS:
             raise ValueError(f"kvfx: options['compiler'] is {compiler!r}, not one of {', '.join(COMPILERS)}")
-        cpp_wrapper = options.get("cpp_wrapper", False)
-        if not isinstance(cpp_wrapper, bool):
-            raise ValueError(f"kvfx: options['cpp_wrapper'] is {cpp_wrapper!r}, not True or False")
-        if cpp_wrapper and compiler != "inductor":
+        flags = {}
+        for name in ("cpp_wrapper", "cuda_graphs"):
+            flags[name] = options.get(name, False)
+            if not isinstance(flags[name], bool):
+                raise ValueError(f"kvfx: options[{name!r}] is {flags[name]!r}, not True or False")
+        if flags["cpp_wrapper"] and compiler != "inductor":
             raise ValueError(f"kvfx: options['cpp_wrapper'] is inductor's; the compiler is {compiler!r}")
-        return cls(Spec.coerce(options.get("spec")), compiler, bool(options.get("verbose", True)), cpp_wrapper)
+        return cls(Spec.coerce(options.get("spec")), compiler, bool(options.get("verbose", True)), **flags)
 
 
 def kvfx_backend(gm: GraphModule, example_inputs, options: dict[str, Any] | None = None, mode: str | None = None):
@@ -67,7 +75,38 @@ def kvfx_backend(gm: GraphModule, example_inputs, options: dict[str, Any] | None
     report = rewrite_graph(gm, opts.spec)
     if opts.verbose and report.sites:
         print(report.summary(opts.spec.summary()), file=sys.stderr)
+    if opts.cuda_graphs and _is_growing_decode_graph(gm):
+        return _compile_replayed(gm, opts)
     return _compile(gm, example_inputs, opts.compiler, opts.cpp_wrapper)
+
+
+def _is_growing_decode_graph(gm: GraphModule) -> bool:
+    """The graph dynamo compiles for every decode step after the first: its kvfx attention calls continue a cache
+    and an input has a symbolic size (the cache length). The prompt's graph and the first step's (static sizes,
+    called once per sequence) are compiled whole: capturing them would cost more than it saves."""
+    continuing = any(is_attention(n) and n.args[10] for n in gm.graph.nodes)
+    return continuing and any(n.op == "placeholder" and not _static_example(n) for n in gm.graph.nodes)
+
+
+def _static_example(node) -> bool:
+    value = node.meta.get("example_value", node.meta.get("val"))
+    if isinstance(value, torch.SymInt):
+        return False
+    return not isinstance(value, torch.Tensor) or not free_symbols(value)
+
+
+def _compile_replayed(gm: GraphModule, opts: BackendOptions):
+    """A decode graph split into stages; each static stage compiled on its first call and then replayed from a CUDA
+    graph (kvfx.graph_replay). Dead code goes first, so that no stage computes what nothing reads."""
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    split, stages = split_stages(gm)
+    counters["kvfx"]["replayed_stages"] += sum(stage.kind == "static" for stage in stages)
+
+    def compile_stage(stage: GraphModule, example_args: list):
+        return _compile(stage, example_args, opts.compiler, opts.cpp_wrapper)
+
+    return replay_static_stages(split, stages, compile_stage).forward
 
 
 def rewrite_graph(gm: GraphModule, spec: Spec) -> RewriteReport:

@@ -265,7 +265,8 @@ def timed_generate(model, ids: torch.Tensor, new_tokens: int, extra: dict) -> di
 
 
 @contextmanager
-def configured(model, config: BenchConfig, workload: Workload, new_tokens: int, compiler: str):
+def configured(model, config: BenchConfig, workload: Workload, new_tokens: int, compiler: str,
+               kvfx_options: dict | None = None):
     """Set ``model`` up for ``config`` (calls of up to ``new_tokens`` tokens); yields a function giving each
     ``generate()`` call's extra arguments, and undoes everything (compiled forwards, caches, dynamo state) on exit."""
     from transformers import StaticCache
@@ -277,7 +278,8 @@ def configured(model, config: BenchConfig, workload: Workload, new_tokens: int, 
     try:
         if config.kind == "kvfx":
             model.forward = torch.compile(model.forward, backend="kvfx",
-                                          options={"spec": config.spec, "compiler": compiler, "verbose": False})
+                                          options={"spec": config.spec, "compiler": compiler, "verbose": False,
+                                                   **(kvfx_options or {})})
             yield lambda: {}
         elif config.kind == "static":
             static_cache = StaticCache(config=model.config, max_cache_len=workload.prompt + new_tokens)
@@ -322,7 +324,7 @@ def prompt_ids(vocab_size: int, workload: Workload, device, seed: int = 0) -> to
 
 def measure(model, config: BenchConfig, workload: Workload, *, new_tokens: int = 32, repeats: int = 3,
             warmup_tokens: int | None = None, compiler: str = "inductor", extra_attempts: int = 2,
-            seed: int = 0) -> dict:
+            seed: int = 0, kvfx_options: dict | None = None) -> dict:
     """Warm up once, then time ``repeats`` calls of ``generate()`` (see the module docstring); one result dict."""
     from kvfx.backend import REPORTS
 
@@ -335,7 +337,8 @@ def measure(model, config: BenchConfig, workload: Workload, *, new_tokens: int =
     base = torch.cuda.memory_allocated(device) if device.type == "cuda" else None  # the weights (and leftovers)
     ids = prompt_ids(model.config.vocab_size, workload, device, seed)
     reports = len(REPORTS)
-    with configured(model, config, workload, max(new_tokens, warmup_tokens), compiler) as call_args, _quiet():
+    with configured(model, config, workload, max(new_tokens, warmup_tokens), compiler,
+                    kvfx_options) as call_args, _quiet():
         began = time.perf_counter()
         warm = timed_generate(model, ids, warmup_tokens, call_args())
         setup_s = time.perf_counter() - began
@@ -509,7 +512,8 @@ def run_bench(workloads: Sequence[Workload], configs: Sequence[BenchConfig], *, 
               repeats: int = 3, warmup_tokens: int | None = None, device: str | torch.device = "cuda",
               dtype: torch.dtype | None = None, compiler: str | None = None, time_budget: float | None = None,
               quanto_unpack: str = "auto", seed: int = 0, allow_cpu: bool = False,
-              log: Callable[[str], None] = print, on_row: Callable[[dict], None] | None = None) -> dict:
+              log: Callable[[str], None] = print, on_row: Callable[[dict], None] | None = None,
+              kvfx_options: dict | None = None) -> dict:
     """Measure every configuration on every workload; returns ``{"meta", "bandwidth", "rows"}``.
 
     Order: by priority = ``tier`` + the workload's place in ``workloads`` (0 for the first), ties by workload, so
@@ -518,7 +522,8 @@ def run_bench(workloads: Sequence[Workload], configs: Sequence[BenchConfig], *, 
     it) cuts the least important.
     Rows that cannot run are kept with ``status`` ``skipped`` and the reason; failures (out of memory, ...) with
     ``status`` ``error``. ``on_row(payload)`` is called after every row (e.g. to save it). ``allow_cpu``: run on a
-    CPU too (smoke tests: float32, compiler aot_eager).
+    CPU too (smoke tests: float32, compiler aot_eager). ``kvfx_options``: more kvfx backend options for every kvfx
+    configuration (e.g. ``{"cuda_graphs": True}``).
     """
     device = torch.device(device)
     if device.type != "cuda" and not allow_cpu:
@@ -535,6 +540,7 @@ def run_bench(workloads: Sequence[Workload], configs: Sequence[BenchConfig], *, 
     meta.update(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 dtype=str(dtype).replace("torch.", ""), compiler=compiler, new_tokens=new_tokens, repeats=repeats,
                 warmup_tokens=warmup_tokens, time_budget_s=time_budget, seed=seed,
+                kvfx_options=kvfx_options or {},
                 static_compile_config=_default_compile_config())
     payload = {"meta": meta, "bandwidth": bandwidth, "configs": [asdict(c) for c in configs], "rows": []}
     quanto: dict | str | None = None
@@ -567,7 +573,8 @@ def run_bench(workloads: Sequence[Workload], configs: Sequence[BenchConfig], *, 
             failure = None
             try:
                 row.update(measure(model, config, workload, new_tokens=new_tokens, repeats=repeats,
-                                   warmup_tokens=warmup_tokens, compiler=compiler, seed=seed))
+                                   warmup_tokens=warmup_tokens, compiler=compiler, seed=seed,
+                                   kvfx_options=kvfx_options))
             except Exception as error:  # noqa: BLE001 - one failing configuration must not end the run
                 failure = _describe_failure(error)  # strings only: the traceback's frames (and tensors) can go
             if failure is not None:
@@ -638,7 +645,7 @@ def bench_command(*, sizes: str, model: Path | None, model_sizes: str, budgets: 
                   only: str | None, new_tokens: int, repeats: int, warmup_tokens: int | None,
                   time_budget: float | None, quanto_unpack: str, out: Path | None, plot_only: Path | None,
                   no_plot: bool, merge: Path | None = None, list_only: bool = False,
-                  log: Callable[[str], None] = print) -> dict:
+                  log: Callable[[str], None] = print, cuda_graphs: bool | None = None) -> dict:
     """What ``kvfx bench`` does (the click command in ``kvfx/cli.py`` only declares the options)."""
     import shlex
     import sys
@@ -700,6 +707,7 @@ def bench_command(*, sizes: str, model: Path | None, model_sizes: str, budgets: 
 
     payload = run_bench(chosen, configs, new_tokens=new_tokens, repeats=repeats, warmup_tokens=warmup_tokens,
                         time_budget=time_budget, quanto_unpack=quanto_unpack, log=log,
+                        kvfx_options={} if cuda_graphs is None else {"cuda_graphs": cuda_graphs},
                         on_row=lambda p: report.write_results(combined(p), out))
     payload = combined(payload)
     report.write_results(payload, out)

@@ -167,6 +167,8 @@ def markdown(payload: Mapping[str, Any]) -> str:
                      "of its own run")
     if meta.get("quanto_unpack"):
         lines.append(f"- quanto unpack: {meta['quanto_unpack']}")
+    if meta.get("kvfx_options"):
+        lines.append("- kvfx backend options: " + ", ".join(f"{k}={v}" for k, v in meta["kvfx_options"].items()))
     lines += ["- decode: mean step of a generate() call (CUDA events at every token), median over calls (calls "
               "min-max: the fastest and slowest call); "
               "tokens/s = batch / step; TTFT: the call to its first token (prefill); peak: max_memory_allocated "

@@ -309,8 +309,10 @@ def plan_command(model_path, spec, batch, tokens, new_tokens, dtype):
               help="An earlier results JSON: its rows that this run does not measure are kept in --out.")
 @click.option("--no-plot", is_flag=True, help="Do not draw the plots.")
 @click.option("--list", "list_only", is_flag=True, help="Print the configurations in run order and exit (no GPU).")
+@click.option("--cuda-graphs/--no-cuda-graphs", default=None,
+              help="kvfx backend option cuda_graphs for every kvfx configuration (default: the backend's default).")
 def bench_command(sizes, bench_model, model_sizes, budgets, policies, bits, only, new_tokens, repeats, warmup_tokens,
-                  time_budget, quanto_unpack, out, plot_only, merge, no_plot, list_only):
+                  time_budget, quanto_unpack, out, plot_only, merge, no_plot, list_only, cuda_graphs):
     """End-to-end generate() on a GPU: decode tokens/s, time to first token and peak memory of transformers'
     DynamicCache, StaticCache + torch.compile and quanto QuantizedCache, and of kvfx (identity and each policy)."""
     from kvfx.bench import BenchError
@@ -320,7 +322,7 @@ def bench_command(sizes, bench_model, model_sizes, budgets, policies, bits, only
         run(sizes=sizes, model=bench_model, model_sizes=model_sizes, budgets=budgets, policies=policies, bits=bits,
             only=only, new_tokens=new_tokens, repeats=repeats, warmup_tokens=warmup_tokens, time_budget=time_budget,
             quanto_unpack=quanto_unpack, out=out, plot_only=plot_only, no_plot=no_plot, merge=merge,
-            list_only=list_only, log=click.echo)
+            list_only=list_only, log=click.echo, cuda_graphs=cuda_graphs)
     except (BenchError, ValueError) as err:
         raise click.ClickException(str(err)) from None
 

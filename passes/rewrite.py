@@ -271,6 +271,10 @@ def _replace_cache_outputs(graph, output: Node, read: CacheRead, handle: Node) -
     first_user = next(n for n in graph.nodes if n in users)
     with graph.inserting_before(first_user):
         sizes = [graph.call_method("size", (read.new, d)) for d in range(4)]
+        new_shape = shape(read.new)
+        if new_shape is not None:  # the sizes' values, as dynamo records them (kvfx.passes.partition reads them)
+            for node, size in zip(sizes, new_shape):
+                node.meta["example_value"] = size
         if read.continuing:
             total = graph.call_function(operator.add, (graph.call_method("size", (read.past, 2)), sizes[2]))
             base = graph.call_method("narrow", (read.past, 2, 0, 1))

@@ -319,6 +319,21 @@ def tiny_run():
     return payload, logged
 
 
+def test_kvfx_options_reach_every_kvfx_configuration_and_the_report():
+    """``kvfx bench --cuda-graphs`` passes the backend option to the kvfx rows (their decode graph is split into
+    stages: kvfx.graph_replay) and records it; the stock baseline is untouched."""
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    payload = run_bench([Workload(TINY_LLAMA, 1, 16)], build_configs(only=("dynamic", "kvfx")), new_tokens=6,
+                        repeats=1, warmup_tokens=6, device="cpu", allow_cpu=True, log=lambda _: None,
+                        kvfx_options={"cuda_graphs": True})
+    assert [r["status"] for r in payload["rows"]] == ["ok", "ok"]
+    assert payload["meta"]["kvfx_options"] == {"cuda_graphs": True}
+    assert counters["kvfx"]["replayed_stages"] >= 3  # the tiny model's 2 layers: 3 static stages per split graph
+    assert "- kvfx backend options: cuda_graphs=True" in markdown(payload)
+
+
 def test_cpu_smoke_run_times_dynamic_cache_and_kvfx(tiny_run):
     payload, logged = tiny_run
     rows = {r["config"]: r for r in payload["rows"]}
