@@ -18,7 +18,8 @@ What a replay relies on, and what happens when it does not hold:
   logits) are cloned; the others are consumed within the step by the stages and ops after them (kvfx's attention
   copies its inputs into its cache).
 - Only CUDA tensors are captured; on the CPU a stage simply runs its compiled function. A call made while the
-  stream is already being captured (a caller's own graph) also runs it directly.
+  stream is already being captured (a caller's own graph) also runs it directly. A stage whose capture fails (a
+  host sync inside it, say) raises an error that names the option: a failed capture can leave CUDA state unusable.
 """
 
 from __future__ import annotations
@@ -76,7 +77,12 @@ class ReplayedStage(torch.nn.Module):
             self.eager_calls += 1
             self._last_ptrs = ptrs
             return self.fn(*args)
-        self._capture(args, stable=[_in_place(a, p, q) for a, p, q in zip(args, ptrs, self._last_ptrs)])
+        try:
+            self._capture(args, stable=[_in_place(a, p, q) for a, p, q in zip(args, ptrs, self._last_ptrs)])
+        except RuntimeError as error:  # e.g. a host sync inside the stage
+            # A failed capture can leave CUDA state (the RNG's capture bookkeeping) unusable: no quiet fallback.
+            raise RuntimeError(f"kvfx: a decode stage of {len(self.stage.graph.nodes)} nodes could not be captured "
+                               f"in a CUDA graph ({error}); compile without options['cuda_graphs']") from error
         return self._replay(args)
 
     def _fits(self, args) -> bool:

@@ -4,6 +4,9 @@ symbolic size, prompts are never split, and on a GPU the replays give what the u
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 from torch._dynamo.utils import counters
@@ -187,3 +190,22 @@ def test_cuda_graph_replays_generate_what_the_unsplit_graph_does_on_a_gpu(spec, 
         assert torch.equal(expected.sequences, result.sequences)
         for e, a in zip(expected.scores, result.scores, strict=True):
             torch.testing.assert_close(a, e, rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.gpu
+def test_a_stage_that_cannot_be_captured_raises_an_error_naming_the_option():
+    """A stage that syncs with the host (``.item()``) cannot be captured: the error says so and names the option.
+    Run in a subprocess: a failed capture leaves the CUDA RNG's capture bookkeeping unusable for the process."""
+    script = (
+        "import torch\n"
+        "from kvfx.graph_replay import ReplayedStage, WARMUP\n"
+        "stage = torch.fx.symbolic_trace(lambda x: (x + 1,))\n"
+        "syncing = lambda x: (x * (2.0 if x.sum().item() > -1e30 else 0.0),)\n"
+        "replayed = ReplayedStage(stage, lambda gm, args: syncing, escaping=(0,))\n"
+        "for _ in range(WARMUP + 1):\n"
+        "    replayed(torch.randn(4, 8, device='cuda'))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "could not be captured in a CUDA graph" in result.stderr
+    assert "compile without options['cuda_graphs']" in result.stderr
