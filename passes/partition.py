@@ -19,8 +19,8 @@ So every node gets one of three classes:
 Nodes are then scheduled, in an order that respects their dependencies, into as few consecutive stages of one class
 as possible (dynamic nodes only when nothing else can run), and
 ``torch.fx.passes.split_module`` makes each stage a submodule. The result has one static stage per gap between two
-attention calls (``layers + 1`` for a plain decoder), one dynamic stage before the first attention (the mask) and
-one at the end (the cache views).
+attention calls (``layers + 1`` for a plain decoder) and a dynamic stage or two: the mask, before the first attention,
+and the cache views.
 """
 
 from __future__ import annotations
