@@ -24,11 +24,10 @@ from typing import Any
 import torch
 from torch._dynamo.utils import counters
 from torch.fx import GraphModule
-from torch.fx.experimental.symbolic_shapes import free_symbols
 
 import kvfx.ops  # noqa: F401  (registers the kvfx custom ops the rewritten graphs call)
 from kvfx.graph_replay import replay_static_stages
-from kvfx.passes.partition import is_attention, split_stages
+from kvfx.passes.partition import is_growing_decode_graph, split_stages
 from kvfx.passes.rewrite import (RewriteReport, find_attention_sites, head_dims, kv_heads, prompt_length,
                                  rewrite_attention)
 from kvfx.plans import (check_implemented, check_profiles, check_prompt_budgets, check_quantization, compact_layers,
@@ -70,29 +69,16 @@ class BackendOptions:
 def kvfx_backend(gm: GraphModule, example_inputs, options: dict[str, Any] | None = None, mode: str | None = None):
     """Rewrite every attention of ``gm`` into kvfx ops, then compile the graph with the chosen compiler."""
     if mode not in (None, "default"):
-        raise ValueError(f"kvfx: mode={mode!r} is not supported yet (kvfx's cache state is not CUDA-graph safe)")
+        raise ValueError(f"kvfx: mode={mode!r} is not supported (kvfx's cache state advances on the host); "
+                         "options={'cuda_graphs': True} replays a decode step's stretches between attention calls "
+                         "from CUDA graphs")
     opts = BackendOptions.parse(options)
     report = rewrite_graph(gm, opts.spec)
     if opts.verbose and report.sites:
         print(report.summary(opts.spec.summary()), file=sys.stderr)
-    if opts.cuda_graphs and _is_growing_decode_graph(gm):
+    if opts.cuda_graphs and is_growing_decode_graph(gm):  # (the prompt's and first step's graphs run once a sequence)
         return _compile_replayed(gm, opts)
     return _compile(gm, example_inputs, opts.compiler, opts.cpp_wrapper)
-
-
-def _is_growing_decode_graph(gm: GraphModule) -> bool:
-    """The graph dynamo compiles for every decode step after the first: its kvfx attention calls continue a cache
-    and an input has a symbolic size (the cache length). The prompt's graph and the first step's (static sizes,
-    called once per sequence) are compiled whole: capturing them would cost more than it saves."""
-    continuing = any(is_attention(n) and n.args[10] for n in gm.graph.nodes)
-    return continuing and any(n.op == "placeholder" and not _static_example(n) for n in gm.graph.nodes)
-
-
-def _static_example(node) -> bool:
-    value = node.meta.get("example_value", node.meta.get("val"))
-    if isinstance(value, torch.SymInt):
-        return False
-    return not isinstance(value, torch.Tensor) or not free_symbols(value)
 
 
 def _compile_replayed(gm: GraphModule, opts: BackendOptions):

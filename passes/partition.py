@@ -61,13 +61,25 @@ def _is_static_value(value) -> bool:
     return False
 
 
+def is_growing_decode_graph(gm: GraphModule) -> bool:
+    """The graph dynamo compiles for every decode step after the first: its kvfx attention calls continue a cache
+    (their ``continuing`` argument) and an input has a symbolic size (the cache length). The prompt's graph and the
+    first step's (static sizes, called once per sequence) are not it."""
+    continuing = any(is_attention(n) and n.args[10] for n in gm.graph.nodes)
+    return continuing and any(n.op == "placeholder" and not _is_static_value(_value(n)) for n in gm.graph.nodes)
+
+
+def _value(node: Node):
+    return node.meta.get("example_value", node.meta.get("val"))
+
+
 def classify(gm: GraphModule) -> dict[Node, str]:
     """Every node's class (placeholders included: a placeholder is dynamic if its value has a symbolic size)."""
     kinds: dict[Node, str] = {}
     for node in gm.graph.nodes:
         if node.op == "output":
             continue
-        value = node.meta.get("example_value", node.meta.get("val"))
+        value = _value(node)
         if is_attention(node):
             kinds[node] = ATTENTION
         elif node.op == "get_attr":
@@ -147,4 +159,5 @@ def _returns_tuple(call: Node) -> bool:
     return isinstance(output.args[0], (tuple, list))
 
 
-__all__ = ["ATTENTION", "DYNAMIC", "STATIC", "Stage", "classify", "schedule", "split_stages", "is_attention"]
+__all__ = ["ATTENTION", "DYNAMIC", "STATIC", "Stage", "classify", "schedule", "split_stages", "is_attention",
+           "is_growing_decode_graph"]
