@@ -32,7 +32,7 @@ from torch._dynamo.utils import counters
 from torch.fx import GraphModule
 
 from kvfx.ops import attention_impl
-from kvfx.passes.partition import ATTENTION, STATIC, Stage, is_attention
+from kvfx.passes.partition import ATTENTION, STATIC, Stage, is_attention, output_node, returns_tuple
 
 WARMUP = 2  # eager calls before capture: the first compiles and autotunes the stage's kernels
 IN_PLACE_BYTES = 1 << 20  # a non-parameter input at least this large, at one address while warming up, is not copied
@@ -152,9 +152,9 @@ class ReplayedStage(torch.nn.Module):
 
 def _return_tuple(stage: GraphModule) -> bool:
     """Make ``stage`` return a tuple; True if it returned a bare value."""
-    output = next(n for n in stage.graph.nodes if n.op == "output")
-    if isinstance(output.args[0], (tuple, list)):
+    if returns_tuple(stage):
         return False
+    output = output_node(stage)
     output.args = ((output.args[0],),)
     stage.recompile()
     return True

@@ -44,11 +44,14 @@ class Stage:
     name: str  # the submodule's attribute name in the split module
     kind: str  # ATTENTION, DYNAMIC or STATIC
     nodes: int  # how many nodes of the original graph it holds
-    escaping: tuple[int, ...]  # indices of its outputs that the split module's output returns (must outlive a step)
+    escaping: tuple[int, ...]  # indices of its outputs that may outlive a step (returned, or read by a dynamic stage)
 
 
 def is_attention(node: Node) -> bool:
     return node.op == "call_function" and node.target is torch.ops.kvfx.attention.default
+
+
+_CONTINUING = 10  # kvfx::attention's ``continuing`` argument, by position (kvfx.passes.rewrite passes them so)
 
 
 def _is_static_value(value) -> bool:
@@ -65,7 +68,7 @@ def is_growing_decode_graph(gm: GraphModule) -> bool:
     """The graph dynamo compiles for every decode step after the first: its kvfx attention calls continue a cache
     (their ``continuing`` argument) and an input has a symbolic size (the cache length). The prompt's graph and the
     first step's (static sizes, called once per sequence) are not it."""
-    continuing = any(is_attention(n) and n.args[10] for n in gm.graph.nodes)
+    continuing = any(is_attention(n) and n.args[_CONTINUING] for n in gm.graph.nodes)
     return continuing and any(n.op == "placeholder" and not _is_static_value(_value(n)) for n in gm.graph.nodes)
 
 
@@ -154,10 +157,17 @@ def _escaping(call: Node, kind_of: dict[Node, str]) -> tuple[int, ...]:
 
 
 def _returns_tuple(call: Node) -> bool:
-    sub = call.graph.owning_module.get_submodule(str(call.target))
-    output = next(n for n in sub.graph.nodes if n.op == "output")
-    return isinstance(output.args[0], (tuple, list))
+    return returns_tuple(call.graph.owning_module.get_submodule(str(call.target)))
+
+
+def returns_tuple(gm: GraphModule) -> bool:
+    """Whether ``gm`` returns a tuple (split_module leaves a stage of one output returning it bare)."""
+    return isinstance(output_node(gm).args[0], (tuple, list))
+
+
+def output_node(gm: GraphModule) -> Node:
+    return next(n for n in gm.graph.nodes if n.op == "output")
 
 
 __all__ = ["ATTENTION", "DYNAMIC", "STATIC", "Stage", "classify", "schedule", "split_stages", "is_attention",
-           "is_growing_decode_graph"]
+           "is_growing_decode_graph", "returns_tuple", "output_node"]
