@@ -11,7 +11,10 @@ Options: ``spec`` (a path to YAML/JSON, a dict, or a :class:`kvfx.spec.Spec`; de
 True: print one summary line per compiled graph), ``cpp_wrapper`` (default False: inductor's C++ wrapper instead of
 its Python one, which launches a graph's kernels with less host time per launch and compiles more slowly),
 ``cuda_graphs`` (default False: replay each decode graph's stretches between two attention calls from CUDA graphs,
-kvfx.graph_replay; the attention calls and the mask built from the growing attention mask stay on the host).
+kvfx.graph_replay; the attention calls and the mask built from the growing attention mask stay on the host),
+``mlp_chunk_mib`` (default 256: an MLP whose intermediate ``[tokens, I]`` would exceed this many MiB, i.e. a long
+prompt's, runs a block of tokens at a time, kvfx.passes.chunk_mlp, and inductor stores that graph's residual sums as
+it goes, :data:`LONG_PROMPT_INDUCTOR`; 0 turns both off).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from torch.fx import GraphModule
 
 import kvfx.ops  # noqa: F401  (registers the kvfx custom ops the rewritten graphs call)
 from kvfx.graph_replay import replay_static_stages
+from kvfx.passes.chunk_mlp import chunk_mlps
 from kvfx.passes.partition import is_growing_decode_graph, split_stages
 from kvfx.passes.rewrite import (RewriteReport, find_attention_sites, head_dims, kv_heads, prompt_length,
                                  rewrite_attention)
@@ -45,11 +49,12 @@ class BackendOptions:
     verbose: bool = True
     cpp_wrapper: bool = False
     cuda_graphs: bool = False
+    mlp_chunk_mib: float = 256
 
     @classmethod
     def parse(cls, options: dict[str, Any] | None) -> BackendOptions:
         options = dict(options or {})
-        allowed = ("spec", "compiler", "verbose", "cpp_wrapper", "cuda_graphs")
+        allowed = ("spec", "compiler", "verbose", "cpp_wrapper", "cuda_graphs", "mlp_chunk_mib")
         unknown = set(options) - set(allowed)
         if unknown:
             raise ValueError(f"kvfx: unknown backend option(s) {sorted(unknown)} (allowed: {', '.join(allowed)})")
@@ -63,7 +68,12 @@ class BackendOptions:
                 raise ValueError(f"kvfx: options[{name!r}] is {flags[name]!r}, not True or False")
         if flags["cpp_wrapper"] and compiler != "inductor":
             raise ValueError(f"kvfx: options['cpp_wrapper'] is inductor's; the compiler is {compiler!r}")
-        return cls(Spec.coerce(options.get("spec")), compiler, bool(options.get("verbose", True)), **flags)
+        chunk = options.get("mlp_chunk_mib", cls.mlp_chunk_mib)
+        if isinstance(chunk, bool) or not isinstance(chunk, (int, float)) or not 0 <= chunk < float("inf"):
+            raise ValueError(f"kvfx: options['mlp_chunk_mib'] is {chunk!r}, not a number of MiB >= 0 "
+                             "(0 turns MLP chunking off)")
+        return cls(Spec.coerce(options.get("spec")), compiler, bool(options.get("verbose", True)), **flags,
+                   mlp_chunk_mib=chunk)
 
 
 def kvfx_backend(gm: GraphModule, example_inputs, options: dict[str, Any] | None = None, mode: str | None = None):
@@ -74,11 +84,13 @@ def kvfx_backend(gm: GraphModule, example_inputs, options: dict[str, Any] | None
                          "from CUDA graphs")
     opts = BackendOptions.parse(options)
     report = rewrite_graph(gm, opts.spec)
+    chunked = chunk_mlps(gm, int(opts.mlp_chunk_mib * 2**20))
+    counters["kvfx"]["mlp_chunked"] += chunked
     if opts.verbose and report.sites:
         print(report.summary(opts.spec.summary()), file=sys.stderr)
     if opts.cuda_graphs and is_growing_decode_graph(gm):  # (the prompt's and first step's graphs run once a sequence)
         return _compile_replayed(gm, opts)
-    return _compile(gm, example_inputs, opts.compiler, opts.cpp_wrapper)
+    return _compile(gm, example_inputs, opts.compiler, opts.cpp_wrapper, long_prompt=chunked > 0)
 
 
 def _compile_replayed(gm: GraphModule, opts: BackendOptions):
@@ -142,7 +154,15 @@ def traced_model_config():
     return config if callable(getattr(config, "to_dict", None)) else None
 
 
-def _compile(gm: GraphModule, example_inputs, compiler: str, cpp_wrapper: bool = False):
+# Inductor settings for a long prompt's graph (one whose MLPs kvfx chunks). Inductor keeps a pointwise sum unstored
+# until it reads 8 buffers, so the residual stream h + attn_0 + mlp_0 + attn_1 + ... lives as up to 8 summands of
+# [tokens, hidden] each (1 GiB at B=8, T=32768 in the 1B shape); storing every sum as soon as it reads more than one
+# buffer cut kvfx's window-25% prefill peak above the weights from 9.5 to 6.0 GiB on an H100 and did not slow the
+# prompt (benchmarks/results/prefill_peak_h100.txt). Decode graphs keep inductor's defaults.
+LONG_PROMPT_INDUCTOR = {"realize_acc_reads_threshold": 1}
+
+
+def _compile(gm: GraphModule, example_inputs, compiler: str, cpp_wrapper: bool = False, long_prompt: bool = False):
     if compiler == "eager":
         return gm.forward
     if torch.is_grad_enabled():
@@ -155,7 +175,8 @@ def _compile(gm: GraphModule, example_inputs, compiler: str, cpp_wrapper: bool =
         return aot_eager(gm, example_inputs)
     from torch._inductor.compile_fx import compile_fx
 
-    return compile_fx(gm, example_inputs, config_patches={"cpp_wrapper": True} if cpp_wrapper else None)
+    patches = {**({"cpp_wrapper": True} if cpp_wrapper else {}), **(LONG_PROMPT_INDUCTOR if long_prompt else {})}
+    return compile_fx(gm, example_inputs, config_patches=patches or None)
 
 
 __all__ = ["kvfx_backend", "rewrite_graph", "traced_model_config", "BackendOptions", "REPORTS"]

@@ -7,6 +7,7 @@ on any device. Their CPU path is the torch reference; on CUDA the decode step ru
   handle, whose zero-storage views stand in for the cache tensors transformers keeps.
 - ``kvfx::attention(q, k_new, v_new, handle, mask, ...)``: appends the new keys and values to kvfx's storage for
   that layer and attends over it, exactly like the ``cat`` + attention it replaces.
+- ``kvfx::chunked_mlp(x, ...)`` (kvfx.chunked_mlp): a long prompt's MLP a block of rows at a time.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import List, Optional
 import torch
 from torch import Tensor
 
+from kvfx.chunked_mlp import chunked_mlp  # registers kvfx::chunked_mlp, which kvfx.passes.chunk_mlp inserts
 from kvfx.eviction import make_policy
 from kvfx.eviction.ragged_cache import RaggedLayerCache
 from kvfx.eviction.razor import retrieval_heads
@@ -75,8 +77,8 @@ def attention_impl(
             "which kvfx cannot follow"
         )
     if isinstance(cache, (EvictingLayerCache, RaggedLayerCache, QuantizedLayerCache)):
-        return _attend_compressing(cache, q, k_new, v_new, mask, scale, softcap, is_causal, continuing, eager_math,
-                                   rope_inv_freq)
+        return token_major(_attend_compressing(cache, q, k_new, v_new, mask, scale, softcap, is_causal, continuing,
+                                               eager_math, rope_inv_freq))
     cache.append(k_new, v_new)
     keys, values = cache.keys(), cache.values()  # [B, Hkv, T, D] views of kvfx's storage
     if mask is not None and mask.shape[-1] != keys.shape[-2]:
@@ -85,7 +87,7 @@ def attention_impl(
         )
     out = _attend(q, keys, values, mask, scale, softcap, is_causal, eager_math)
     cache.trim()
-    return out.contiguous()  # the layout the fake implementation promises to the compiler
+    return token_major(out)
 
 
 # The op compiled graphs call. attention_impl itself is what it runs: kvfx.graph_replay calls it directly from the
@@ -93,10 +95,20 @@ def attention_impl(
 attention = torch.library.custom_op("kvfx::attention", mutates_args=())(attention_impl)
 
 
+def token_major(out: Tensor) -> Tensor:
+    """``out`` [B, Hq, Tq, Dv] laid out as [B, Tq, Hq, Dv] in memory, the layout kvfx::attention promises the
+    compiler: what flash attention writes (no copy) and what transformers turns the output into next
+    (``attn_output.transpose(1, 2).contiguous()``, which then copies nothing either). At B=8, T=32768, Hq=32, d=64
+    a copy to any other layout is 1 GiB more at the prompt's peak. A decode step's output (Tq = 1) is both layouts
+    at once."""
+    return out.transpose(1, 2).contiguous().transpose(1, 2)
+
+
 @attention.register_fake
 def _attention_fake(q, k_new, v_new, handle, mask, layer, scale, softcap, is_causal, keep_last, continuing,
                     eager_math, rope_inv_freq, mask_terms, mask_kinds):
-    return q.new_empty(*q.shape[:-1], v_new.shape[-1])
+    b, h, t, _ = q.shape
+    return q.new_empty(b, t, h, v_new.shape[-1]).transpose(1, 2)  # token_major
 
 
 def _mark_inference_only(ctx, inputs, output):
@@ -104,12 +116,14 @@ def _mark_inference_only(ctx, inputs, output):
 
 
 def _no_backward(ctx, grad):
-    raise RuntimeError("kvfx attention has no backward: kvfx serves inference")
+    raise RuntimeError("kvfx's ops have no backward: kvfx serves inference")
 
 
-# The cache state is not differentiable: outputs are marked so, and no backward is ever traced through kvfx.
+# The cache state is not differentiable: outputs are marked so, and no backward is ever traced through kvfx (a graph
+# compiled with gradients enabled gets the backend's warning).
 attention.register_autograd(_no_backward, setup_context=_mark_inference_only)
 begin_sequence.register_autograd(_no_backward, setup_context=_mark_inference_only)
+chunked_mlp.register_autograd(_no_backward, setup_context=_mark_inference_only)
 
 
 def _from_factors(state: SequenceState, factors: MaskFactors, q: Tensor, k_new: Tensor, continuing: bool,
@@ -179,13 +193,13 @@ def _attend_compressing(cache: EvictingLayerCache | RaggedLayerCache | Quantized
     if not continuing:  # the prompt: ordinary attention over all of it, then the cache keeps its compressed form
         out = _attend(q, k_new, v_new, mask, scale, softcap, is_causal, eager_math)
         cache.compress_prompt(q, k_new, v_new, mask, scale=scale, softcap=softcap, is_causal=is_causal)
-        return out.contiguous()
+        return out
     if q.shape[2] != 1:
         raise KvfxCacheError(
             f"layer {cache.layer}: {q.shape[2]} new tokens in one step after the prompt; compressed caches take one "
             "token per decode step (chunked prefill, assisted and speculative decoding are not supported)"
         )
-    return cache.decode(q, k_new, v_new, mask, scale=scale, softcap=softcap, inv_freq=rope_inv_freq).contiguous()
+    return cache.decode(q, k_new, v_new, mask, scale=scale, softcap=softcap, inv_freq=rope_inv_freq)
 
 
 def _attend(q, keys, values, mask, scale, softcap, is_causal, eager_math):

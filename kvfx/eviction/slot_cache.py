@@ -216,12 +216,13 @@ class EvictingLayerCache:
             return attend(query, store, self.rule, seen=self.seen, mask_row=row, keys=keys, gumbel=self._gumbel(),
                           **common).unsqueeze(2)
 
-        seen = self.seen
+        seen, qpos, counter, rule = self.seen, self.qpos, self.counter, self.rule
 
+        # (reads no attribute of self: self.captured keeps the step, and a closure over self would make a reference
+        # cycle that keeps this cache's memory until Python's cyclic collector runs, past the next prompt's peak)
         def step(query: Tensor, k1: Tensor, v1: Tensor, row: Tensor | None, out: Tensor | None = None) -> Tensor:
-            write_slot(store, k1, v1, seen, self.qpos, counter=self.counter)
-            return slot_decode_step(query, store, self.rule, seen=seen + 1, mask_row=row, gumbel=None, out=out,
-                                    **common)
+            write_slot(store, k1, v1, seen, qpos, counter=counter)
+            return slot_decode_step(query, store, rule, seen=seen + 1, mask_row=row, gumbel=None, out=out, **common)
 
         if self.captured is None:
             self.captured = CapturedStep(step)
