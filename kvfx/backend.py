@@ -158,7 +158,7 @@ def traced_model_config():
 # until it reads 8 buffers, so the residual stream h + attn_0 + mlp_0 + attn_1 + ... lives as up to 8 summands of
 # [tokens, hidden] each (1 GiB at B=8, T=32768 in the 1B shape); storing every sum as soon as it reads more than one
 # buffer cut kvfx's window-25% prefill peak above the weights from 9.5 to 6.0 GiB on an H100 and did not slow the
-# prompt (benchmarks/results/prefill_peak_h100.txt). Decode graphs keep inductor's defaults.
+# prompt (benchmarks/results/prefill_inductor_realize_h100.txt). Decode graphs keep inductor's defaults.
 LONG_PROMPT_INDUCTOR = {"realize_acc_reads_threshold": 1}
 
 
