@@ -97,10 +97,11 @@ attention = torch.library.custom_op("kvfx::attention", mutates_args=())(attentio
 
 def token_major(out: Tensor) -> Tensor:
     """``out`` [B, Hq, Tq, Dv] laid out as [B, Tq, Hq, Dv] in memory, the layout kvfx::attention promises the
-    compiler: what flash attention writes (no copy) and what transformers turns the output into next
-    (``attn_output.transpose(1, 2).contiguous()``, which then copies nothing either). At B=8, T=32768, Hq=32, d=64
-    a copy to any other layout is 1 GiB more at the prompt's peak. A decode step's output (Tq = 1) is both layouts
-    at once."""
+    compiler. SDPA's output takes q's layout (seen on an H100: cuDNN's flash kernel), and inductor hands the op q
+    in the projections' token-major layout, so a prompt's output needs no copy here; transformers then turns it
+    into exactly this layout (``attn_output.transpose(1, 2).contiguous()``), which copies nothing either. At B=8,
+    T=32768, Hq=32, d=64 a copy is 1 GiB more at the prompt's peak. A decode step's output (Tq = 1) is both layouts
+    at once; the CPU's math path pays one copy."""
     return out.transpose(1, 2).contiguous().transpose(1, 2)
 
 
