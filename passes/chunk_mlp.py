@@ -46,58 +46,61 @@ def _linear(node) -> tuple[Node, Node, Node | None] | None:
 
 def _activation(node) -> tuple[str, Node] | None:
     """``(name, input)`` of an activation kvfx::chunked_mlp implements."""
-    if not isinstance(node, Node) or node.op != "call_function" or not isinstance(arg(node, 0, "input"), Node):
+    if not isinstance(node, Node) or node.op != "call_function":
+        return None
+    x = arg(node, 0, "input")
+    if not isinstance(x, Node):
         return None
     if is_op(node, "silu", "relu") and not arg(node, 1, "inplace", False):
-        return ("silu" if is_op(node, "silu") else "relu"), node.args[0]
+        return ("silu" if is_op(node, "silu") else "relu"), x
     if is_op(node, "gelu"):
-        approximate = arg(node, 1, "approximate", "none")
-        name = {"none": "gelu", "tanh": "gelu_tanh"}.get(approximate)
-        return (name, node.args[0]) if name in ACTIVATIONS else None
+        name = {"none": "gelu", "tanh": "gelu_tanh"}.get(arg(node, 1, "approximate", "none"))
+        return (name, x) if name in ACTIVATIONS else None
     return None
 
 
 def gated_mlp(down: Node) -> MlpMatch | None:
     """``down(act(gate(x)) * up(x))``."""
-    if _linear(down) is None:
-        return None
-    product = down.args[0]
+    down_call = _linear(down)
+    product = down_call[0] if down_call else None
     if not is_op(product, "mul") or len(product.args) != 2 or product.kwargs:
         return None
-    for first, second in (product.args, product.args[::-1]):
-        act = _activation(first)
-        gate, up = (act[1] if act else None), second
-        if act is None or _linear(gate) is None or _linear(up) is None:
-            continue
-        if gate.args[0] is not up.args[0]:
-            continue
-        return MlpMatch(gate.args[0], gate, up, down, act[0], (gate, first, up, product))
+    for activated, up in (product.args, product.args[::-1]):
+        act = _activation(activated)
+        gate_call = _linear(act[1]) if act else None
+        up_call = _linear(up)
+        if gate_call and up_call and gate_call[0] is up_call[0]:  # both project the same x
+            return MlpMatch(up_call[0], act[1], up, down, act[0], (act[1], activated, up, product))
     return None
 
 
 def plain_mlp(down: Node) -> MlpMatch | None:
     """``down(act(up(x)))``."""
-    if _linear(down) is None:
+    down_call = _linear(down)
+    act = _activation(down_call[0]) if down_call else None
+    up_call = _linear(act[1]) if act else None
+    if up_call is None:
         return None
-    act = _activation(down.args[0])
-    if act is None or _linear(act[1]) is None:
-        return None
-    up = act[1]
-    return MlpMatch(up.args[0], None, up, down, act[0], (up, down.args[0]))
+    return MlpMatch(up_call[0], None, act[1], down, act[0], (act[1], down_call[0]))
 
 
 PATTERNS = (gated_mlp, plain_mlp)  # tried in order on every linear node
 
 
 def find_mlps(graph: torch.fx.Graph) -> list[MlpMatch]:
-    """Every MLP of ``graph`` whose intermediates are read only inside it."""
-    found = []
+    """Every MLP of ``graph`` whose intermediates are read only inside it, none sharing a node with an earlier one
+    (``linear -> act -> linear -> act -> linear`` is two overlapping plain MLPs: the first is taken)."""
+    found, claimed = [], set()
     for node in graph.nodes:
         for pattern in PATTERNS:
             match = pattern(node)
-            if match is not None and _self_contained(match):
+            if match is None or not _self_contained(match):
+                continue
+            members = {*match.inner, match.down}
+            if claimed.isdisjoint(members | {match.x}):
                 found.append(match)
-                break
+                claimed |= members
+            break
     return found
 
 

@@ -169,6 +169,19 @@ def test_a_standalone_mlp_graph_is_rewritten_and_still_computes_the_same():
     torch.testing.assert_close(out[0] if isinstance(out, tuple) else out, module(x), rtol=1e-5, atol=1e-5)
 
 
+def test_overlapping_mlps_are_rewritten_once():
+    """linear -> relu -> linear -> relu -> linear holds two plain MLPs sharing the middle linear: the first is
+    rewritten, the second left as it is, and the graph still computes the same."""
+    module = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU(), torch.nn.Linear(32, 32), torch.nn.ReLU(),
+                                 torch.nn.Linear(32, 8))
+    x = torch.randn(64, 8)
+    gm, inputs = _dynamo_graph(module, x)
+    assert len(find_mlps(gm.graph)) == 1
+    assert chunk_mlps(gm, 10 * 32 * 4) == 1
+    out = gm(*inputs)
+    torch.testing.assert_close(out[0] if isinstance(out, tuple) else out, module(x), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("value", [-1, True, "256", float("inf")])
 def test_the_option_is_validated(value):
     """Negative, boolean, textual or infinite sizes are refused with the option's name."""
