@@ -32,11 +32,13 @@ POLICIES = {
 SPECS = sorted(POLICIES)
 
 
-def _second_sequence_is_freed_without_the_cyclic_collector(policy: str, device: str, prompt: int, new_tokens: int):
+def _second_sequence_is_freed_without_the_cyclic_collector(policy: str, device: str, prompt: int, new_tokens: int,
+                                                          compiler: str):
     spec = {"version": 1, "default": POLICIES[policy]} if POLICIES[policy] else {"version": 1}
     torch._dynamo.reset()
     model = tiny_model("llama", "sdpa").to(device)
-    model.forward = torch.compile(model.forward, backend="kvfx", options={"spec": spec, "verbose": False})
+    model.forward = torch.compile(model.forward, backend="kvfx",
+                                  options={"spec": spec, "verbose": False, "compiler": compiler})
     ids = torch.randint(3, 90, (2, prompt), generator=torch.Generator().manual_seed(0)).to(device)
 
     def generate():
@@ -63,11 +65,12 @@ def _second_sequence_is_freed_without_the_cyclic_collector(policy: str, device: 
 
 @pytest.mark.parametrize("spec", SPECS)
 def test_a_finished_sequence_is_freed_without_the_cyclic_collector(spec):
-    _second_sequence_is_freed_without_the_cyclic_collector(spec, "cpu", prompt=40, new_tokens=6)
+    # aot_eager: the cycles in question are kvfx's own objects; the GPU test runs them under inductor
+    _second_sequence_is_freed_without_the_cyclic_collector(spec, "cpu", prompt=40, new_tokens=6, compiler="aot_eager")
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("spec", SPECS)
 def test_on_the_gpu_a_finished_sequence_is_freed_without_the_cyclic_collector(spec):
     # enough decode steps for the eviction step to be captured and replayed from a CUDA graph (step_graph.WARMUP)
-    _second_sequence_is_freed_without_the_cyclic_collector(spec, "cuda", prompt=64, new_tokens=8)
+    _second_sequence_is_freed_without_the_cyclic_collector(spec, "cuda", prompt=64, new_tokens=8, compiler="inductor")
