@@ -38,8 +38,10 @@ def chunked_mlp_reference(x: Tensor, w_gate: Optional[Tensor], b_gate: Optional[
                           activation: str) -> Tensor:
     """The MLP as transformers computes it, all rows at once."""
     act = ACTIVATIONS[activation]
-    hidden = act(F.linear(x, w_up, b_up)) if w_gate is None else act(F.linear(x, w_gate, b_gate)) * F.linear(
-        x, w_up, b_up)
+    if w_gate is None:  # plain
+        hidden = act(F.linear(x, w_up, b_up))
+    else:  # gated
+        hidden = act(F.linear(x, w_gate, b_gate)) * F.linear(x, w_up, b_up)
     return F.linear(hidden, w_down, b_down)
 
 
