@@ -558,9 +558,9 @@ def run_bench(workloads: Sequence[Workload], configs: Sequence[BenchConfig], *, 
     started = time.perf_counter()
     for workload, config in order:
         row = {"model": workload.model_name, "batch": workload.batch, "prompt": workload.prompt,
-               "new_tokens": new_tokens, "config": config.name, "kind": config.kind, "method": config.method,
-               "x": config.x, "bits": config.bits, "description": config.description, "status": "ok",
-               "message": ""}
+               "run": meta["date"], "new_tokens": new_tokens, "config": config.name, "kind": config.kind,
+               "method": config.method, "x": config.x, "bits": config.bits, "description": config.description,
+               "status": "ok", "message": ""}
         model = models.get(workload.model)
         began = time.perf_counter()
         reason = _skip_reason(config, workload, model, device, quanto, new_tokens)

@@ -45,18 +45,30 @@ def write_results(payload: Mapping[str, Any], json_path: str | Path) -> tuple[Pa
 
 
 def _key(row: Mapping) -> tuple:
-    return row["model"], row["batch"], row["prompt"], row["config"]
+    """One row per workload, configuration and run (``row["run"]``: the run's date; None in rows recorded before
+    rows carried one)."""
+    return row["model"], row["batch"], row["prompt"], row["config"], row.get("run")
 
 
 def merge_rows(previous: Sequence[Mapping], new: Sequence[Mapping]) -> list[Mapping]:
-    """``previous`` rows updated by ``new`` ones of the same (model, batch, prompt, configuration): a new row
-    replaces an old one unless the old one was measured and the new one was not (skipped, failed)."""
+    """``previous`` rows and ``new`` ones, every run's measured rows kept (each is compared only with the baselines
+    of its own run). Within one run, a new row replaces an old one unless the old one was measured and the new one
+    was not (skipped, failed); a configuration skipped or failed is listed only while no run measured it, by its
+    latest such row."""
     merged = {_key(r): r for r in previous}
     for row in new:
         old = merged.get(_key(row))
         if old is None or _ok(row) or not _ok(old):
             merged[_key(row)] = row
-    return list(merged.values())
+    rows = list(merged.values())
+    measured = {_key(r)[:4] for r in rows if _ok(r)}
+    latest_unmeasured = {_key(r)[:4]: r for r in rows if not _ok(r)}
+    return [r for r in rows if _ok(r) or (_key(r)[:4] not in measured and latest_unmeasured[_key(r)[:4]] is r)]
+
+
+def latest(rows: Sequence[Mapping]) -> list[Mapping]:
+    """The last measured row of each (workload, configuration) among ``rows`` (what the plots draw)."""
+    return list({_key(r)[:4]: r for r in rows if _ok(r)}.values())
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -86,6 +98,20 @@ def best_stock(rows: Sequence[Mapping]) -> Mapping | None:
     return min(stock, key=lambda r: r["decode_ms"], default=None)
 
 
+def runs(rows: Sequence[Mapping]) -> list[str | None]:
+    """The runs (dates; None for rows recorded before rows carried one) of ``rows``, oldest first."""
+    return sorted(dict.fromkeys(r.get("run") for r in rows), key=lambda run: run or "")
+
+
+def same_run(rows: Sequence[Mapping], run: str | None) -> list[Mapping]:
+    return [r for r in rows if r.get("run") == run]
+
+
+def run_label(run: str | None) -> str:
+    """``2026-11-23T03:38:00+00:00`` -> ``11-23 03:38`` (UTC); ``-`` for none."""
+    return f"{run[5:10]} {run[11:16]}" if run else "-"
+
+
 def speedup(row: Mapping, baseline: Mapping | None) -> float | None:
     """Decode throughput of ``row`` over ``baseline``'s."""
     if not (_ok(row) and _ok(baseline)):
@@ -104,8 +130,21 @@ def memory_cut(row: Mapping, baseline: Mapping | None) -> float | None:
 
 
 def goals(rows: Sequence[Mapping]) -> list[str]:
-    """The issue's goals at the 1B shape, B=8, prompt 32768, each as a Markdown bullet saying met or not met."""
+    """The issue's goals at the 1B shape, B=8, prompt 32768, each as a Markdown bullet saying met or not met,
+    checked within each run that measured there (a run's kvfx rows against that run's own stock baselines); the
+    bullets of a run are headed by its date when the rows come from more than one run."""
     members = _of(rows, GOAL_WORKLOAD)
+    measured = runs(members)
+    if len(measured) == 1:
+        return _run_goals(members)
+    lines = []
+    for run in measured:
+        lines.append(f"- run {run_label(run)}:")
+        lines += ["  " + line for line in _run_goals(same_run(members, run))]
+    return lines
+
+
+def _run_goals(members: Sequence[Mapping]) -> list[str]:
     if not members:
         return []
     baseline = best_stock(members)
@@ -162,9 +201,10 @@ def markdown(payload: Mapping[str, Any]) -> str:
               f"after a warm-up of {meta.get('warmup_tokens', '?')} tokens; random prompt tokens",
               f"- copy bandwidth {_num(bandwidth, '.3f', 1e12)} TB/s (bytes read + written by a device copy)"]
     if earlier:
-        dates = ", ".join(str(m.get("date", "?")) for m in earlier)
-        lines.append(f"- merged with {len(earlier)} earlier run(s) ({dates}): each row's floor uses the bandwidth "
-                     "of its own run")
+        each = "; ".join(f"{run_label(m.get('date'))}: {m.get('new_tokens', '?')} new tokens, {m.get('repeats', '?')} "
+                         f"timed calls" for m in [*earlier, meta])
+        lines.append(f"- merged from {len(earlier) + 1} runs ({each}; the settings above are the last run's): each "
+                     "row's floor uses the bandwidth of its own run")
     if meta.get("quanto_unpack"):
         lines.append(f"- quanto unpack: {meta['quanto_unpack']}")
     if meta.get("kvfx_options"):
@@ -174,16 +214,17 @@ def markdown(payload: Mapping[str, Any]) -> str:
               "tokens/s = batch / step; TTFT: the call to its first token (prefill); peak: max_memory_allocated "
               "over the call (weights included), over weights: minus what the model holds; KV: bytes the cache "
               "holds at the end; floor: (weights + full KV at the mean context) read once at the copy bandwidth; "
-              "vs stock: tokens/s over the faster of dynamic and static+compile; mem cut: its peak over weights "
-              "over this one's", ""]
+              "vs stock: tokens/s over the faster of dynamic and static+compile measured in the same run; mem cut: "
+              "its peak over weights over this one's; run: when the row's run started (UTC), rows of different "
+              "runs are never compared", ""]
     goal_lines = goals(rows)
     if goal_lines:
         lines += ["## Goals at llama-1b B=8 T=32768", "", *goal_lines, ""]
     header = ("| configuration | decode ms/step | calls min-max | tokens/s | vs stock | TTFT ms | peak GiB | "
-              "over weights GiB | mem cut | KV GiB | KV share | x floor | status |")
+              "over weights GiB | mem cut | KV GiB | KV share | x floor | run | status |")
     for workload in workloads(rows):
         members = _of(rows, workload)
-        baseline = best_stock(members)
+        baselines = {run: best_stock(same_run(members, run)) for run in runs(members)}
         any_row = members[0]
         model, batch, prompt = workload
         lines += [f"## {model} B={batch} T={prompt}", ""]
@@ -191,9 +232,12 @@ def markdown(payload: Mapping[str, Any]) -> str:
             lines += [f"floor {any_row['floor_ms']:.3f} ms/step: {any_row['weight_bytes_read'] / 1e9:.2f} GB "
                       f"weights + {_num(any_row.get('floor_kv_bytes'), '.2f', 1e9)} GB KV read at "
                       f"{_num(any_row.get('bandwidth_bytes_per_s'), '.2f', 1e12)} TB/s", ""]
-        lines += [header, "| " + " | ".join(["---"] * 13) + " |"]
+        if len(baselines) > 1:
+            lines += ["vs stock, by run: " + "; ".join(_baseline_note(run, members, baselines[run])
+                                                         for run in baselines), ""]
+        lines += [header, "| " + " | ".join(["---"] * 14) + " |"]
         for row in members:
-            ok = _ok(row)
+            ok, baseline = _ok(row), baselines[row.get("run")]
             status = "ok" if ok else f"{row['status']}: {row.get('message', '')}"
             if ok and row.get("graphs_compiled_timed"):
                 status += f" ({row['graphs_compiled_timed']} graphs compiled while timed)"
@@ -212,11 +256,20 @@ def markdown(payload: Mapping[str, Any]) -> str:
                 _num(row.get("kv_bytes") if ok else None, ".3f", GiB),
                 _num(row.get("kv_share") if ok else None, ".3f"),
                 _num(row.get("x_floor") if ok else None, ".2f"),
+                run_label(row.get("run")),
                 status.replace("|", "\\|"),
             ]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
+
+
+def _baseline_note(run: str | None, members: Sequence[Mapping], baseline: Mapping | None) -> str:
+    if baseline is None:
+        return f"run {run_label(run)}: no stock baseline measured"
+    missing = [c for c in STOCK if not any(r["config"] == c and _ok(r) for r in same_run(members, run))]
+    return (f"run {run_label(run)}: {baseline['config']} {baseline['decode_ms']:.2f} ms/step"
+            + (f" ({', '.join(missing)} not measured)" if missing else ""))
 
 
 def _call_spread(row: Mapping) -> str:
@@ -258,7 +311,7 @@ def plot_bench(payload: Mapping[str, Any], png_path: str | Path) -> Path:
     figure, axes = plt.subplots(len(shown), 2, figsize=(12, 3.6 * len(shown)), squeeze=False)
     styles = {"dynamic": ("black", "--"), "static": ("tab:gray", ":"), "identity": ("tab:red", "-.")}
     for (left, right), workload in zip(axes, shown):
-        members = [r for r in _of(rows, workload) if _ok(r)]
+        members = latest(_of(rows, workload))
         curves: dict[str, list[Mapping]] = {}
         for row in members:
             if row["method"] in REFERENCES:
@@ -292,7 +345,9 @@ def plot_bench(payload: Mapping[str, Any], png_path: str | Path) -> Path:
             if axis.get_legend_handles_labels()[0]:
                 axis.legend(fontsize=7)
     meta = payload.get("meta", {})
-    figure.suptitle(f"kvfx bench: {meta.get('gpu') or meta.get('device', '')}, "
-                    f"{meta.get('new_tokens', '?')} new tokens", fontsize=10)
+    tokens = sorted({r.get("new_tokens") or meta.get("new_tokens") or 0 for r in rows})
+    span = str(tokens[0]) if len(tokens) == 1 else f"{tokens[0]}-{tokens[-1]}"
+    figure.suptitle(f"kvfx bench: {meta.get('gpu') or meta.get('device', '')}, {span} new tokens per call; the "
+                    "latest run of each configuration", fontsize=10)
     figure.tight_layout()
     return save_figure(figure, png_path, dpi=110)

@@ -26,6 +26,7 @@ from kvfx.bench_models import (
 )
 from kvfx.bench_report import (
     goals,
+    latest,
     load_results,
     markdown,
     memory_cut,
@@ -343,6 +344,7 @@ def test_cpu_smoke_run_times_dynamic_cache_and_kvfx(tiny_run):
         row = rows[name]
         assert row["status"] == "ok", row
         assert row["repeats"] == 1 and row["graphs_compiled_timed"] == 0 and row["discarded_repeats"] == 0
+        assert row["run"] == payload["meta"]["date"]  # what keeps merged runs apart
         assert row["decode_ms"] > 0 and row["ttft_ms"] > 0 and row["peak_bytes"] is None
         assert row["tokens_per_s"] == pytest.approx(1e3 / row["decode_ms"])
         assert row["x_floor"] == pytest.approx(row["decode_ms"] / row["floor_ms"])
@@ -417,3 +419,41 @@ def test_gpu_run_has_no_recompiles_in_the_timed_region():
     full = kv_cache_bytes(config, 2, 256 + 16, 2)  # bf16, max_cache_len = T + N slots
     assert full <= rows["static+compile"]["kv_bytes"] < full + 4096
     assert rows["kvfx h2o 0.25"]["kv_bytes"] < rows["kvfx"]["kv_bytes"] / 2
+
+
+def _two_runs():
+    """Run A measured everything; run B later measured dynamic again (faster, on a quieter host), kvfx identity again,
+    kivi-4 (skipped in run A) and skipped h2o 0.25 (measured in run A)."""
+    a, b = "2026-11-23T03:38:00+00:00", "2026-11-23T06:26:00+00:00"
+    first = [dict(r, run=a) for r in _payload()["rows"]]
+    second = [dict(r, run=b) for r in (
+        _row("dynamic", "dynamic", "dynamic", 8.0, 22.0, 8.0),
+        _row("kvfx", "kvfx", "identity", 9.0, 19.0, 8.0),
+        _row("kvfx kivi-4", "kvfx", "kivi", 8.0, 3.0, 2.0, x=0.25, bits=4),
+        _row("kvfx h2o 0.25", "kvfx", "h2o", None, None, None, status="skipped", message="time budget"))]
+    return merge_rows(first, second)
+
+
+def test_merge_keeps_every_runs_measured_rows_and_compares_rows_only_within_their_run():
+    merged = _two_runs()
+    goal = [(r["config"], r["run"][11:16], r["status"]) for r in merged if (r["batch"], r["prompt"]) == (8, 32768)]
+    assert goal.count(("dynamic", "03:38", "ok")) == 1 and goal.count(("dynamic", "06:26", "ok")) == 1
+    assert goal.count(("kvfx", "03:38", "ok")) == 1 and goal.count(("kvfx", "06:26", "ok")) == 1
+    assert [g for g in goal if g[0] == "kvfx kivi-4"] == [("kvfx kivi-4", "06:26", "ok")]  # the skip is gone
+    assert [g for g in goal if g[0] == "kvfx h2o 0.25"] == [("kvfx h2o 0.25", "03:38", "ok")]  # a later skip: not
+    assert [r["decode_ms"] for r in latest(merged) if r["config"] == "kvfx"] == [9.0]  # what the plot draws
+    lines = goals(merged)
+    assert lines[:4] == ["- run 11-23 03:38:", "  - best stock baseline: static+compile (10.00 ms/step)",
+                         "  - kvfx identity >= best stock baseline: 1.05x its tokens/s: met",
+                         "  - 4-bit or 25% budget >= 2x tokens/s and >= 3.5x less peak memory above the weights: "
+                         "best kvfx h2o 0.25: 2.50x tokens/s, 4.00x less: met"]
+    # run B's rows are held to run B's dynamic (8 ms), never to run A's static+compile, and the reverse
+    assert lines[4:7] == ["- run 11-23 06:26:", "  - best stock baseline: dynamic (8.00 ms/step)",
+                          "  - kvfx identity >= best stock baseline: 0.89x its tokens/s: not met"]
+    text = markdown({"meta": {}, "rows": merged})
+    assert ("vs stock, by run: run 11-23 03:38: static+compile 10.00 ms/step; run 11-23 06:26: dynamic 8.00 "
+            "ms/step (static+compile not measured)") in text
+    rows = (line.split(" | ") for line in text.splitlines() if line.startswith("| kvfx"))
+    cells = {(c[0][2:], c[12]): c for c in rows}
+    assert cells[("kvfx", "11-23 03:38")][4] == "1.05x" and cells[("kvfx", "11-23 06:26")][4] == "0.89x"
+    assert cells[("kvfx h2o 0.25", "11-23 03:38")][4] == "2.50x"
