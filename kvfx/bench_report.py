@@ -44,10 +44,14 @@ def write_results(payload: Mapping[str, Any], json_path: str | Path) -> tuple[Pa
     return json_path, md_path
 
 
+def _config_key(row: Mapping) -> tuple:
+    return row["model"], row["batch"], row["prompt"], row["config"]
+
+
 def _key(row: Mapping) -> tuple:
     """One row per workload, configuration and run (``row["run"]``: the run's date; None in rows recorded before
     rows carried one)."""
-    return row["model"], row["batch"], row["prompt"], row["config"], row.get("run")
+    return *_config_key(row), row.get("run")
 
 
 def merge_rows(previous: Sequence[Mapping], new: Sequence[Mapping]) -> list[Mapping]:
@@ -61,14 +65,14 @@ def merge_rows(previous: Sequence[Mapping], new: Sequence[Mapping]) -> list[Mapp
         if old is None or _ok(row) or not _ok(old):
             merged[_key(row)] = row
     rows = list(merged.values())
-    measured = {_key(r)[:4] for r in rows if _ok(r)}
-    latest_unmeasured = {_key(r)[:4]: r for r in rows if not _ok(r)}
-    return [r for r in rows if _ok(r) or (_key(r)[:4] not in measured and latest_unmeasured[_key(r)[:4]] is r)]
+    measured = {_config_key(r) for r in rows if _ok(r)}
+    latest_unmeasured = {_config_key(r): r for r in rows if not _ok(r)}
+    return [r for r in rows if _ok(r) or (_config_key(r) not in measured and latest_unmeasured[_config_key(r)] is r)]
 
 
 def latest(rows: Sequence[Mapping]) -> list[Mapping]:
     """The last measured row of each (workload, configuration) among ``rows`` (what the plots draw)."""
-    return list({_key(r)[:4]: r for r in rows if _ok(r)}.values())
+    return list({_config_key(r): r for r in rows if _ok(r)}.values())
 
 
 # ----------------------------------------------------------------------------------------------------------------
