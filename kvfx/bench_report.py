@@ -149,8 +149,7 @@ def goals(rows: Sequence[Mapping]) -> list[str]:
 
 
 def _run_goals(members: Sequence[Mapping]) -> list[str]:
-    if not members:
-        return []
+    """The goal bullets of one run's rows at the goal workload (at least one row)."""
     baseline = best_stock(members)
     if baseline is None:
         return ["- no stock baseline was measured at this size: the goals cannot be checked"]
