@@ -1014,7 +1014,9 @@ def _quant_plane_kernel(
             # ---- keys: S = sum_k (q_k s_k) . (C_k + code_k)^T; bias = diag(X) ----
             if STATIC or phase == 1:
                 kh = tl.load(kc_base + t0l * stride_kcn + kc_off, mask=(n_valid & (cols < n_qk))[:, None], other=0)
-                p_mask = ((t0 + r_eff * kgt) < tl.minimum(hi, n_qk))[:, None]
+                # row r holds key group kg0 + r: load it only if that group is stored and reaches below hi (a
+                # tail tile inside one group uses row 0 alone; its other rows must not read past the last group)
+                p_mask = ((t0 // K_GROUP + r_eff) * K_GROUP < tl.minimum(hi, n_qk))[:, None]
             else:
                 kh = tl.load(kc_base + t0l * stride_kcn + kc_off)
                 p_mask = row_valid[:, None]  # unused (a tensor: the phase-1 loop carries the name)

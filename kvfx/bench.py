@@ -481,8 +481,7 @@ def _describe_failure(error: BaseException) -> tuple[str, str, str | None]:
     spec_error = find_spec_error(error)
     if spec_error is not None:
         return "skipped", str(spec_error).splitlines()[0], None
-    return ("error", f"{type(error).__name__}: {error}".splitlines()[0],
-            "".join(traceback.format_exception(error)[-12:]))
+    return ("error", f"{type(error).__name__}: {error}".splitlines()[0], "".join(traceback.format_exception(error)))
 
 
 def _add_derived(row: dict, model, workload: Workload, new_tokens: int, bandwidth: float, info: dict) -> None:
@@ -556,11 +555,19 @@ def run_bench(workloads: Sequence[Workload], configs: Sequence[BenchConfig], *, 
     models = _Models(device, dtype, seed)
     durations: dict[tuple[str, str], list[float]] = {}
     started = time.perf_counter()
+    lost: str | None = None  # set once a failure leaves the CUDA context unusable: nothing after it can run
     for workload, config in order:
         row = {"model": workload.model_name, "batch": workload.batch, "prompt": workload.prompt,
                "run": meta["date"], "new_tokens": new_tokens, "config": config.name, "kind": config.kind,
                "method": config.method, "x": config.x, "bits": config.bits, "description": config.description,
                "status": "ok", "message": ""}
+        if lost is not None:
+            row.update(status="skipped", message=lost)
+            payload["rows"].append(row)
+            log(_row_line(row))
+            if on_row is not None:
+                on_row(payload)
+            continue
         model = models.get(workload.model)
         began = time.perf_counter()
         reason = _skip_reason(config, workload, model, device, quanto, new_tokens)
@@ -581,7 +588,11 @@ def run_bench(workloads: Sequence[Workload], configs: Sequence[BenchConfig], *, 
                 row.update(status=failure[0], message=failure[1])
                 if failure[2]:
                     row["traceback"] = failure[2]
-                _release(device)
+                try:
+                    _release(device)
+                except Exception as error:  # noqa: BLE001 - e.g. an illegal memory access: the context is gone
+                    lost = (f"not run: the CUDA context was lost when {config.name} on {workload.label} failed "
+                            f"({type(error).__name__})")
             durations.setdefault((config.kind, workload.model), []).append(time.perf_counter() - began)
         row["seconds"] = time.perf_counter() - began
         _add_derived(row, model, workload, new_tokens, bandwidth["bytes_per_s"], models.info)

@@ -386,6 +386,38 @@ def test_time_budget_skips_and_records(tmp_path):
     assert saved == [1]
 
 
+def test_a_failure_that_loses_the_cuda_context_skips_the_rest_and_keeps_the_rows(monkeypatch):
+    """An illegal memory access is sticky: the failing row keeps its error and traceback, every later configuration
+    is listed as not run (instead of the run dying in the clean-up and losing every row)."""
+    import kvfx.bench as bench
+
+    broken = []
+
+    def measure_fails(model, config, *args, **kwargs):
+        if config.name == "kvfx":
+            broken.append(config.name)
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return measure(model, config, *args, **kwargs)
+
+    def release(device):
+        if broken:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(bench, "measure", measure_fails)
+    monkeypatch.setattr(bench, "_release", release)
+    saved = []
+    payload = run_bench([Workload(TINY_LLAMA, 1, 16), Workload(TINY_LLAMA, 2, 16)],
+                        build_configs(only=("dynamic", "kvfx")), new_tokens=2, repeats=1, device="cpu",
+                        allow_cpu=True, log=lambda _: None, on_row=lambda p: saved.append(len(p["rows"])))
+    rows = [(r["batch"], r["config"], r["status"]) for r in payload["rows"]]
+    assert rows == [(1, "dynamic", "ok"), (1, "kvfx", "error"), (2, "dynamic", "skipped"), (2, "kvfx", "skipped")]
+    failed = payload["rows"][1]
+    assert "illegal memory access" in failed["message"] and "illegal memory access" in failed["traceback"]
+    assert all(r["message"] == "not run: the CUDA context was lost when kvfx on tiny-llama B=1 T=16 failed "
+               "(RuntimeError)" for r in payload["rows"][2:])
+    assert saved == [1, 2, 3, 4]
+
+
 def test_measure_rejects_too_few_tokens():
     model = load_model(TINY_LLAMA, "cpu", torch.float32, 64)
     with pytest.raises(ValueError, match=r"new_tokens \(1\) must be >= 2"):

@@ -43,6 +43,7 @@ from kvfx.kernels.quant_decode_attention import (  # noqa: E402
     quant_decode_attention_reference,
     supports,
 )
+from interpreter_bounds import bounds_checked  # noqa: E402
 from kvfx.kernels.quant_pack import (  # noqa: E402
     Quantized,
     dequantize,
@@ -212,6 +213,28 @@ def test_gear_kernel_equals_reference(bits, kgroup, lr_block, mask_kind, num_spl
     _check(quant_decode_attention(*args, **kwargs, num_splits=num_splits), ref, torch.float32)
     plain = quant_decode_attention_reference(*args, **{**kwargs, "k_gear": None, "v_gear": None})
     assert (plain - ref).abs().max() > 1e-3, "the GEAR terms must change the result"
+
+
+@pytest.mark.parametrize("num_splits", [1, 3])
+@pytest.mark.parametrize("path", ["planes", "planes16"])
+def test_plane_kernel_reads_nothing_past_the_stored_tokens(path, num_splits):
+    """Regression (H100, llama-1b kivi-4 at B=1 T=32768: an illegal memory access, only in some allocation layouts):
+    with tiles of several key groups (BLOCK_N 128 > K_GROUP 32, as on the GPU), the tail's 16-token tiles loaded
+    the scales and offsets of the key groups after the tile's own, one group past the last stored one when the
+    store holds exactly the quantized tokens. Interpreted with such tiles, every access bounds-checked."""
+    kg, nqk, nqv, kv_len = 32, 128, 100, 140
+    (q, keys, values, k_res, v_res), kwargs = _case(7, B=1, Hkv=2, G=4, D=32, Dv=32, kgroup=kg, vgroup=16, nqk=nqk,
+                                                    nqv=nqv, kv_len=kv_len)
+
+    def exact(qt, tokens, rows):  # storage for exactly the stored tokens: nothing after them to read by mistake
+        return Quantized(qt.codes[:, :, :tokens].clone(), qt.scale[:, :, :rows].clone(),
+                         qt.offset[:, :, :rows].clone(), qt.bits, qt.group, qt.kind)
+
+    args = (q, exact(keys, nqk, nqk // kg), exact(values, nqv, nqv), k_res[:, :, : kv_len - nqk].clone(),
+            v_res[:, :, : kv_len - nqv].clone())
+    with _path(path), mock.patch.dict(qda._INTERPRET_CONFIG, BLOCK_N=4 * kg), bounds_checked():
+        out = quant_decode_attention(*args, **kwargs, num_splits=num_splits)
+    _check(out, _reference(args, kwargs), torch.float32)
 
 
 @pytest.mark.parametrize("gear", [False, True])
