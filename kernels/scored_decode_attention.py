@@ -60,11 +60,15 @@ _SUM = _da._SUM
 
 @dataclass(frozen=True)
 class GumbelScores:
-    """Keyformer's score: softmax((x + Gumbel noise) / tau) with the noise hashed from ``seed`` and ``layer``."""
+    """Keyformer's score: softmax((x + Gumbel noise) / tau) with the noise hashed from ``seed`` and ``layer``.
+
+    ``tau``: a number, or a one-element float32 tensor on the kernel's device that the split kernel reads when it
+    runs, so that a CUDA graph of the call replays with the temperature the tensor holds then (a tensor's value is
+    not checked: reading it would sync with the device)."""
 
     seed: int
     layer: int
-    tau: float
+    tau: float | torch.Tensor
 
 
 def scored_decode_attention_reference(
@@ -112,7 +116,7 @@ def scored_decode_attention_reference(
 
 
 def _scored_split_kernel(
-    Q, K, V, Bias, Qpos, Kpos, O, Opart, Lse, LseY, Y,
+    Q, K, V, Bias, Qpos, Kpos, Tau, O, Opart, Lse, LseY, Y,
     stride_qb, stride_qh,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -134,6 +138,7 @@ def _scored_split_kernel(
     MASK_KIND: tl.constexpr,  # SLOT_MASK only: 0 no mask, 1 bool (uint8, 0 = masked), 2 additive float
     HAS_SOFTCAP: tl.constexpr,
     GUMBEL: tl.constexpr,
+    TAU_IN_MEMORY: tl.constexpr,  # GUMBEL: the temperature is Tau[0] (inv_tau unused)
     DOT_FP32: tl.constexpr,
     DIRECT_OUT: tl.constexpr,  # num_splits == 1: write the final output in O's dtype
     STATIC_ITERS: tl.constexpr,  # > 0 (interpreter only): fixed trip count
@@ -176,6 +181,8 @@ def _scored_split_kernel(
     if GUMBEL:
         qp = tl.load(Qpos + b * stride_qpos)
         row_key = gumbel_row_key(seed, layer, b, hq, qp)  # [BLOCK_G] uint32
+        if TAU_IN_MEMORY:
+            inv_tau = 1.0 / tl.load(Tau).to(tl.float32)
         my_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
         ly_i = tl.full([BLOCK_G], 0.0, tl.float32)
 
@@ -495,7 +502,12 @@ def _check_inputs(q, k, v, bias, scale, softcap, gumbel, qpos, kpos, num_splits)
         return bias, None, None
     if not isinstance(gumbel, GumbelScores):
         raise ValueError(f"gumbel must be a GumbelScores or None, got {type(gumbel).__name__}")
-    if not (math.isfinite(float(gumbel.tau)) and float(gumbel.tau) > 0.0):
+    if isinstance(gumbel.tau, torch.Tensor):
+        tau = gumbel.tau
+        if tau.numel() != 1 or tau.dtype != torch.float32 or tau.device != q.device:
+            raise ValueError(f"a tensor gumbel.tau must be one float32 element on {q.device}, got "
+                             f"{tau.numel()} {tau.dtype} element(s) on {tau.device}")
+    elif not (math.isfinite(float(gumbel.tau)) and float(gumbel.tau) > 0.0):
         raise ValueError(f"gumbel.tau must be a finite number > 0, got {gumbel.tau}")
     if qpos is None or kpos is None:
         raise ValueError("Gumbel scores need qpos and kpos")
@@ -613,11 +625,14 @@ def launch(q, k, v, bias, score, *, scale, softcap, gumbel, qpos, kpos, num_spli
     lse = work("lse", (B, Hq, num_splits), f32, q.device)
     lse_y = work("lse_y", (B, Hq, num_splits), f32, q.device) if gumbel is not None else lse
     opart = out if direct else work("opart", (B, Hq, num_splits, Dv), f32, q.device)
+    tau_arg, tau_in_memory = q, False  # (q: a pointer the kernel does not read)
     if gumbel is None:
         seed, layer, inv_tau = 0, 0, 1.0
     else:
         # the hash reduces seed and layer modulo 2**32 first (see kvfx.kernels.gumbel)
-        seed, layer, inv_tau = int(gumbel.seed) & 0xFFFFFFFF, int(gumbel.layer) & 0xFFFFFFFF, 1.0 / float(gumbel.tau)
+        seed, layer = int(gumbel.seed) & 0xFFFFFFFF, int(gumbel.layer) & 0xFFFFFFFF
+        tau_in_memory = isinstance(gumbel.tau, torch.Tensor)
+        tau_arg, inv_tau = (gumbel.tau, 1.0) if tau_in_memory else (q, 1.0 / float(gumbel.tau))
     qpos_arg, qpos_stride = (qpos, qpos.stride(0)) if gumbel is not None else (q, 0)
     kpos_arg, kpos_strides = (kpos, kpos.stride()) if kpos is not None else (q, (0, 0, 0))
     mask_kind, mask_offset, masked_below = 0, 0, 0.0
@@ -634,7 +649,7 @@ def launch(q, k, v, bias, score, *, scale, softcap, gumbel, qpos, kpos, num_spli
     bias_div = Hq // Hb if per_head else Hkv // Hb
 
     args = (
-        q, k, v, bias, qpos_arg, kpos_arg, out, opart, lse, lse_y, y,
+        q, k, v, bias, qpos_arg, kpos_arg, tau_arg, out, opart, lse, lse_y, y,
         q.stride(0), q.stride(1),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
@@ -650,7 +665,8 @@ def launch(q, k, v, bias, score, *, scale, softcap, gumbel, qpos, kpos, num_spli
     meta = dict(
         GROUP=G, BLOCK_G=max(16, triton.next_power_of_2(G)), HEAD_DIM=D, HEAD_DV=Dv,
         BIAS_PER_HEAD=per_head, SLOT_MASK=slot_mask is not None, MASK_KIND=mask_kind, HAS_SOFTCAP=softcap > 0,
-        GUMBEL=gumbel is not None, DOT_FP32=interpret or q.dtype == torch.float32, DIRECT_OUT=direct,
+        GUMBEL=gumbel is not None, TAU_IN_MEMORY=tau_in_memory, DOT_FP32=interpret or q.dtype == torch.float32,
+        DIRECT_OUT=direct,
         **(dict(KV_POLICY="evict_first", Y_POLICY="evict_last") if _Y_IN_L2 else {}),
     )
     grid = (B * Hkv * num_splits,)

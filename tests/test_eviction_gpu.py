@@ -45,11 +45,12 @@ def test_triton_fast_path_in_bf16_runs_the_same_policy(config):
                      device="cuda", dtype=torch.bfloat16, atol=2e-2, rtol=2e-2)
 
 
-@pytest.mark.parametrize("config", [CONFIGS[0], CONFIGS[1], CONFIGS[3]], ids=lambda c: c.method)
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c.method)
 def test_decode_steps_replayed_from_a_cuda_graph_equal_eager_ones(config, monkeypatch):
-    """After a few eager steps a layer's decode step is replayed from a CUDA graph (the new token's position and the
-    length live on the device): step after step, outputs and kept sets are exactly those of the eager kernel path,
-    with padding in the mask, and after the mask row outgrows the graph's static copy (captured again)."""
+    """After a few eager steps a layer's decode step is replayed from a CUDA graph (the new token's position, the
+    length and Keyformer's temperature live on the device): step after step, outputs and kept sets are exactly those
+    of the eager kernel path, with padding in the mask, and after the mask row outgrows the graph's static copy
+    (captured again)."""
     from kvfx.eviction import make_policy
     from kvfx.eviction.slot_cache import EvictingLayerCache
 

@@ -246,6 +246,31 @@ def test_noise_changes_scores_not_output():
     torch.testing.assert_close(s1p, s1[:, :, perm], rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("tau", [0.75, 1.3359375])  # exact in float32: the tensor holds the same temperature
+def test_temperature_read_from_a_tensor_equals_the_number(tau):
+    """A CUDA graph replays with whatever a tensor tau holds: the kernel reads it instead of taking 1 / tau as an
+    argument. Scores within a float32 rounding of the reciprocal of those with the number, and of the reference; a
+    new value in the same tensor is what the next call uses."""
+    gen = torch.Generator().manual_seed(4)
+    B, Hkv, G, D, S = 2, 2, 4, 32, 70
+    q, k, v = (torch.randn(*shape, generator=gen) for shape in ((B, Hkv * G, D), (B, Hkv, S, D), (B, Hkv, S, D)))
+    bias = torch.zeros(B, 1, S)
+    pos = dict(qpos=torch.tensor([90, 75]), kpos=torch.randperm(90, generator=gen)[:S].view(1, 1, S).expand(B, Hkv, S))
+    held = torch.tensor([tau], dtype=torch.float32)
+    out_t, s_t = scored_decode_attention(q, k, v, bias, scale=0.2, gumbel=GumbelScores(9, 2, held), **pos)
+    out_n, s_n = scored_decode_attention(q, k, v, bias, scale=0.2, gumbel=GumbelScores(9, 2, tau), **pos)
+    ref_out, ref_s = scored_decode_attention_reference(q, k, v, bias, scale=0.2, gumbel=GumbelScores(9, 2, held),
+                                                       **pos)
+    assert torch.equal(out_t, out_n)
+    torch.testing.assert_close(s_t, s_n, rtol=1e-6, atol=1e-7)
+    _check(out_t, s_t, ref_out, ref_s, torch.float32)
+    held.fill_(2 * tau)
+    _, s_2 = scored_decode_attention(q, k, v, bias, scale=0.2, gumbel=GumbelScores(9, 2, held), **pos)
+    _, ref_2 = scored_decode_attention_reference(q, k, v, bias, scale=0.2, gumbel=GumbelScores(9, 2, 2 * tau), **pos)
+    torch.testing.assert_close(s_2, ref_2, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(s_2, s_t, rtol=1e-3, atol=1e-4)
+
+
 # ----------------------------------------------------------------------------- supports / validation
 
 
@@ -285,6 +310,10 @@ def test_errors():
     with pytest.raises(ValueError, match="kpos"):
         scored_decode_attention(q, k, k, bias, scale=1.0, gumbel=GumbelScores(0, 0, 1.0),
                                 qpos=torch.zeros(2, dtype=torch.int64), kpos=torch.zeros(2, 2, 10))
+    positions = dict(qpos=torch.zeros(2, dtype=torch.int64), kpos=torch.zeros(2, 2, 10, dtype=torch.int64))
+    for tau in (torch.ones(2), torch.ones(1, dtype=torch.float64)):
+        with pytest.raises(ValueError, match="tensor gumbel.tau must be one float32 element"):
+            scored_decode_attention(q, k, k, bias, scale=1.0, gumbel=GumbelScores(0, 0, tau), **positions)
     with pytest.raises(ValueError, match="num_splits"):
         scored_decode_attention(q, k, k, bias, scale=1.0, num_splits=0)
     with pytest.raises(ValueError, match="head_dim 8"):

@@ -17,13 +17,15 @@ position fix-up; masks and positional biases (ALiBi) are read at each slot's ori
   then, where a row and head hold more than their budget, empty the slot of lowest keep-priority (the policies'
   rules as tensors): O(capacity) per step, no compaction, no host sync. The kernels read the new token's position
   from a device counter, so after two eager steps the step is captured in a CUDA graph and replayed
-  (kvfx.eviction.step_graph; not for Keyformer, whose temperature moves every step, nor compact positions).
+  (kvfx.eviction.step_graph; Keyformer's temperature, which moves every step, is written to a device tensor the
+  kernel reads; compact positions run eagerly).
 
 A layer may mix policies across its KV heads (``None`` = keep everything; such a layer grows in chunks).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import torch
@@ -84,6 +86,7 @@ class EvictingLayerCache:
         self.rule: EvictionRule | None = None  # the decode keep rules, made at the first decode step
         self.scratch = Scratch()  # the decode kernels' work buffers, reused from step to step
         self.counter: Tensor | None = None  # [1] int64 on the GPU: tokens written (the kernels' copy of `seen`)
+        self.tau: Tensor | None = None  # [1] float32 on the GPU: Keyformer's temperature at this step
         self.captured: CapturedStep | None = None  # the decode step as a CUDA graph (kernels only)
         self.seen = 0  # tokens written, padding included (the cache length transformers believes in)
         self.prompt_end = 0
@@ -196,14 +199,13 @@ class EvictingLayerCache:
             self.rule = self._decode_rule(seen=self.seen + 1)  # as the step sees it, with the new token
         row, masked_below = decode_mask_row(mask)
         mask_offset = 0 if mask is None else self.seen + 1 - mask.shape[-1]
-        noisy = self.scorer is not None and self.scorer.scores == "gumbel"  # Keyformer: tau moves every step
         common = dict(scale=scale, softcap=softcap, mask_offset=mask_offset, masked_below=masked_below,
                       qpos=self.qpos, accumulate=self.scorer is not None)
         if fast:
             if self.counter is None:  # the kernels read the position of the new token from the device
                 self.counter = torch.full((1,), self.seen, dtype=torch.long, device=self.k.device)
             common.update(scratch=self.scratch, counter=self.counter)
-        if not fast or self.compact_heads is not None or noisy:  # no replay: arguments that change every step
+        if not fast or self.compact_heads is not None:  # no replay: arguments that change every step
             if fast:
                 write_slot(store, k_new[:, :, 0], v_new[:, :, 0], self.seen, self.qpos, counter=self.counter)
             else:
@@ -216,13 +218,13 @@ class EvictingLayerCache:
             return attend(query, store, self.rule, seen=self.seen, mask_row=row, keys=keys, gumbel=self._gumbel(),
                           **common).unsqueeze(2)
 
-        seen, qpos, counter, rule = self.seen, self.qpos, self.counter, self.rule
+        seen, qpos, counter, rule, gumbel = self.seen, self.qpos, self.counter, self.rule, self._gumbel_on_device()
 
         # (reads no attribute of self: self.captured keeps the step, and a closure over self would make a reference
         # cycle that keeps this cache's memory until Python's cyclic collector runs, past the next prompt's peak)
         def step(query: Tensor, k1: Tensor, v1: Tensor, row: Tensor | None, out: Tensor | None = None) -> Tensor:
             write_slot(store, k1, v1, seen, qpos, counter=counter)
-            return slot_decode_step(query, store, rule, seen=seen + 1, mask_row=row, gumbel=None, out=out, **common)
+            return slot_decode_step(query, store, rule, seen=seen + 1, mask_row=row, gumbel=gumbel, out=out, **common)
 
         if self.captured is None:
             self.captured = CapturedStep(step)
@@ -236,6 +238,18 @@ class EvictingLayerCache:
     def _gumbel(self) -> GumbelScores | None:
         """Keyformer's noise parameters at this step (after ``seen`` counts the new token); None for other scores."""
         return self.scorer.gumbel(self._context(self.scorer, [])) if self.scorer is not None else None
+
+    def _gumbel_on_device(self) -> GumbelScores | None:
+        """Keyformer's noise parameters for the step about to run, with the temperature (which moves every step)
+        written to a device tensor the kernel reads, so that a replayed step sees this step's value; None for other
+        scores."""
+        if self.scorer is None or self.scorer.scores != "gumbel":
+            return None
+        gumbel = self.scorer.gumbel(self._context(self.scorer, [], seen=self.seen + 1))
+        if self.tau is None:
+            self.tau = torch.empty(1, dtype=torch.float32, device=self.k.device)
+        self.tau.fill_(gumbel.tau)
+        return dataclasses.replace(gumbel, tau=self.tau)
 
     def _decode_rule(self, seen: int) -> EvictionRule:
         """Every head's keep rule for the decode steps, as tensors ``[B, Hkv]`` (constant from the first step on:
