@@ -235,9 +235,10 @@ class EvictingLayerCache:
         self.seen += 1
         return out.unsqueeze(2)
 
-    def _gumbel(self) -> GumbelScores | None:
-        """Keyformer's noise parameters at this step (after ``seen`` counts the new token); None for other scores."""
-        return self.scorer.gumbel(self._context(self.scorer, [])) if self.scorer is not None else None
+    def _gumbel(self, seen: int | None = None) -> GumbelScores | None:
+        """Keyformer's noise parameters at the step ``seen`` counts the new token of (default: ``self.seen``, once
+        it does); None for other scores."""
+        return self.scorer.gumbel(self._context(self.scorer, [], seen=seen)) if self.scorer is not None else None
 
     def _gumbel_on_device(self) -> GumbelScores | None:
         """Keyformer's noise parameters for the step about to run, with the temperature (which moves every step)
@@ -245,7 +246,7 @@ class EvictingLayerCache:
         scores."""
         if self.scorer is None or self.scorer.scores != "gumbel":
             return None
-        gumbel = self.scorer.gumbel(self._context(self.scorer, [], seen=self.seen + 1))
+        gumbel = self._gumbel(seen=self.seen + 1)
         if self.tau is None:
             self.tau = torch.empty(1, dtype=torch.float32, device=self.k.device)
         self.tau.fill_(gumbel.tau)
